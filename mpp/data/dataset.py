@@ -1,0 +1,101 @@
+"""Reading prepared samples, validating each one, and padding instances into batches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mpp.data.layout import sample_path
+
+
+@dataclass
+class BadRecord:
+    id: str
+    reason: str
+
+
+class PreparedDataset(Dataset):
+    """Map-style dataset over manifest records. A record that fails validation comes back as a
+    `BadRecord` (never raises), so the collate function can drop and report it."""
+
+    def __init__(self, root: str, records: list[dict]):
+        self.root = root
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict | BadRecord:
+        record = self.records[i]
+        try:
+            return self._load(record)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            return BadRecord(record["id"], f"{type(e).__name__}: {e}")
+
+    def _load(self, record: dict) -> dict:
+        sid = record["id"]
+        with open(sample_path(self.root, "caption", sid)) as f:
+            caption = json.load(f)
+        latents = load_file(sample_path(self.root, "latents", sid))["latents"]
+        clip = load_file(sample_path(self.root, "clip", sid))["embeds"]
+        dino = load_file(sample_path(self.root, "dino", sid))["embeds"]
+        text = load_file(sample_path(self.root, "text", sid))
+        n = record["num_instances"]
+        boxes = torch.tensor([inst["bbox"] for inst in caption["instances"]], dtype=torch.float32).reshape(-1, 4)
+        fg = torch.tensor([-1.0 if inst.get("foreground") is None else float(inst["foreground"])
+                           for inst in caption["instances"]])
+        sample = {
+            "id": sid, "latents": latents, "boxes": boxes, "foreground": fg,
+            "clip_embeds": clip, "dino_embeds": dino, "instance_text": text["instance_embeds"],
+            "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
+        }
+        validate_sample(sample, n=n, latent_shape=record["latent_shape"])
+        return {k: v.float() if isinstance(v, Tensor) else v for k, v in sample.items()}
+
+
+def validate_sample(sample: dict, *, n: int, latent_shape: list[int]) -> None:
+    """Raises ValueError naming what disagrees: shapes versus N and the latent grid, non-finite
+    values, boxes outside [0, 1] or without area."""
+    if list(sample["latents"].shape) != list(latent_shape):
+        raise ValueError(f"latents have shape {list(sample['latents'].shape)}, manifest says {latent_shape}")
+    for key in ("boxes", "clip_embeds", "dino_embeds", "instance_text", "foreground"):
+        if sample[key].shape[0] != n:
+            raise ValueError(f"{key} has {sample[key].shape[0]} rows, manifest says {n} instances")
+    for key, value in sample.items():
+        if isinstance(value, Tensor) and not torch.isfinite(value.float()).all():
+            raise ValueError(f"{key} holds non-finite values")
+    b = sample["boxes"]
+    if n and ((b < 0).any() or (b > 1).any() or (b[:, 2] <= b[:, 0]).any() or (b[:, 3] <= b[:, 1]).any()):
+        raise ValueError(f"boxes must lie in [0, 1] with positive area, got {b.tolist()}")
+
+
+_PADDED = ("boxes", "clip_embeds", "dino_embeds", "instance_text", "foreground")
+
+
+def collate(items: list[dict | BadRecord]) -> dict:
+    """Stacks good samples, pads instances to the batch maximum with `instance_mask`, and passes
+    the bad records on under "bad" for the DataModule to count."""
+    good = [x for x in items if not isinstance(x, BadRecord)]
+    batch: dict = {"bad": [x for x in items if isinstance(x, BadRecord)], "ids": [x["id"] for x in good]}
+    if not good:
+        return batch
+    n_max = max(x["boxes"].shape[0] for x in good)
+    mask = torch.zeros(len(good), n_max, dtype=torch.bool)
+    for i, x in enumerate(good):
+        mask[i, : x["boxes"].shape[0]] = True
+    batch["instance_mask"] = mask
+    for key in _PADDED:
+        rows = [x[key] for x in good]
+        out = rows[0].new_zeros((len(good), n_max, *rows[0].shape[1:]))
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        batch[key] = out
+    for key in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
+        batch[key] = torch.stack([x[key] for x in good])
+    return batch

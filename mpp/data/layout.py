@@ -1,0 +1,111 @@
+"""The prepared dataset's files: where each tensor lives, the manifest and prepare.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+
+FORMAT_VERSION = 1
+
+FILES = {
+    "image": ("images", ".png"),
+    "caption": ("captions", ".json"),
+    "latents": ("latents/vae_full_images", ".safetensors"),
+    "clip": ("embedding/clip_cropped_boxes", ".safetensors"),
+    "dino": ("embedding/dino_cropped_boxes", ".safetensors"),
+    "text": ("embedding/text", ".safetensors"),
+}
+
+
+def sample_path(root: str, kind: str, sample_id: str) -> str:
+    folder, ext = FILES[kind]
+    return os.path.join(root, folder, sample_id + ext)
+
+
+def shard_manifest_name(shard_index: int, num_shards: int) -> str:
+    if num_shards == 1:
+        return "manifest.jsonl"
+    return f"manifest.shard-{shard_index:05d}-of-{num_shards:05d}.jsonl"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str, write) -> None:
+    """Calls write(file object) on a temporary file beside `path`, fsyncs, then renames it over `path`."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, data) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+
+
+def read_manifest(path: str) -> list[dict]:
+    """Records of a manifest. A truncated last line (a killed writer) is dropped with a warning;
+    a malformed line elsewhere is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropping truncated last line {i + 1}", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{i + 1}: malformed manifest line ({e})") from e
+    return records
+
+
+def write_manifest(path: str, records: list[dict]) -> None:
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()))
+
+
+def record_is_complete(root: str, record: dict) -> bool:
+    """True when every file of the record exists and has the hash the manifest holds."""
+    for kind, digest in record["files"].items():
+        path = sample_path(root, kind, record["id"])
+        if not os.path.exists(path) or file_sha256(path) != digest:
+            return False
+    return True
+
+
+def read_prepare_info(root: str) -> dict | None:
+    path = os.path.join(root, "prepare.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_prepare_info(root: str, expected: dict) -> None:
+    """Refuses a dataset prepared with other encoder settings or resolution than `expected`."""
+    info = read_prepare_info(root)
+    if info is None:
+        raise ValueError(f"{root}: no prepare.json; prepare the dataset with `python -m mpp.prepare` first")
+    differing = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+    if differing:
+        lines = "\n".join(f"  {k}: dataset has {a!r}, config asks for {b!r}" for k, (a, b) in differing.items())
+        raise ValueError(f"{os.path.join(root, 'prepare.json')} was prepared with other settings than the config:\n{lines}")

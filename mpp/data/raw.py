@@ -1,0 +1,151 @@
+"""Reading and validating a raw sample: `<root>/images/<id>.<ext>` + `<root>/captions/<id>.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class SampleError(ValueError):
+    """A bad input sample. The message names the file and what is wrong with it."""
+
+    def __init__(self, sample_id: str, message: str):
+        super().__init__(message)
+        self.sample_id = sample_id
+
+
+@dataclass
+class RawSample:
+    id: str
+    image: Tensor  # 3×R×R in [-1, 1]
+    caption: str
+    boxes: Tensor  # N×4 normalized xyxy in the prepared image
+    instance_captions: list[str]
+    foreground: list[bool | None]
+    references: list[Tensor | None]  # 3×h×w in [-1, 1], or None: the box crop is the reference
+    reference_paths: list[str | None]
+    source_size: tuple[int, int]  # (width, height) of the source image
+    dropped: list[int] = field(default_factory=list)  # instances cut away by the centre crop
+
+
+def list_sample_ids(root: str) -> list[tuple[str, str]]:
+    """Sorted (id, image path) pairs under root/images; two images with one id are an error."""
+    folder = os.path.join(root, "images")
+    if not os.path.isdir(folder):
+        raise ValueError(f"source {root!r} has no images/ folder")
+    found: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        if stem in found:
+            raise ValueError(f"sample id {stem!r} has two images: {found[stem]} and {os.path.join(folder, name)}")
+        found[stem] = os.path.join(folder, name)
+    return sorted(found.items())
+
+
+def read_image(path: str, sample_id: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SampleError(sample_id, f"{path}: unreadable image ({e})") from e
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    arr = np.asarray(image, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, float, float, float]:
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    resized = image.resize((nw, nh), Image.BICUBIC)
+    return resized.crop((left, top, left + resolution, top + resolution)), scale, left, top
+
+
+def _read_caption(path: str, sample_id: str) -> dict:
+    if not os.path.exists(path):
+        raise SampleError(sample_id, f"{path}: missing caption file for sample {sample_id!r}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SampleError(sample_id, f"{path}: unreadable caption file ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("caption"), str):
+        raise SampleError(sample_id, f"{path}: needs a string field 'caption'")
+    if not isinstance(data.get("instances", []), list):
+        raise SampleError(sample_id, f"{path}: 'instances' must be a list")
+    return data
+
+
+def _check_box(bbox, k: int, width: int, height: int, path: str, sample_id: str) -> list[float]:
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        raise SampleError(sample_id, f"{path}: instance {k} bbox must be 4 numbers [x0, y0, x1, y1], got {bbox!r}")
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        raise SampleError(sample_id, f"{path}: instance {k} bbox {bbox} is not finite")
+    if x1 <= x0 or y1 <= y0:
+        raise SampleError(sample_id, f"{path}: instance {k} bbox {bbox} has zero area")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise SampleError(sample_id, f"{path}: instance {k} bbox {bbox} lies outside the image ({width}×{height})")
+    return [x0, y0, x1, y1]
+
+
+def load_raw_sample(root: str, sample_id: str, image_path: str, *, resolution: int,
+                    require_instances: bool = True) -> RawSample:
+    """Reads, validates and centre-crops one sample to resolution×resolution.
+
+    Raises SampleError naming the file for an unreadable image, a missing or malformed caption
+    file, a box outside the image or of zero area, an unreadable reference, or (when
+    `require_instances`) an empty instance list.
+    """
+    caption_path = os.path.join(root, "captions", f"{sample_id}.json")
+    data = _read_caption(caption_path, sample_id)
+    image = read_image(image_path, sample_id)
+    width, height = image.size
+    instances = data.get("instances", [])
+    if require_instances and not instances:
+        raise SampleError(sample_id, f"{caption_path}: empty instance list (data.require_instances is set)")
+
+    cropped, scale, left, top = _center_crop(image, resolution)
+    boxes, captions, foreground, references, ref_paths, dropped = [], [], [], [], [], []
+    for k, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise SampleError(sample_id, f"{caption_path}: instance {k} must be an object")
+        x0, y0, x1, y1 = _check_box(inst.get("bbox"), k, width, height, caption_path, sample_id)
+        box = np.clip([(x0 * scale - left), (y0 * scale - top), (x1 * scale - left), (y1 * scale - top)], 0, resolution)
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            dropped.append(k)
+            continue
+        ref_rel = inst.get("reference")
+        ref = None
+        if ref_rel is not None:
+            ref_path = os.path.join(root, ref_rel)
+            if not os.path.exists(ref_path):
+                raise SampleError(sample_id, f"{caption_path}: instance {k} reference {ref_path} does not exist")
+            ref = to_tensor(read_image(ref_path, sample_id))
+        fg = inst.get("foreground")
+        boxes.append(box / resolution)
+        captions.append(str(inst.get("caption", "")))
+        foreground.append(None if fg is None else bool(fg))
+        references.append(ref)
+        ref_paths.append(ref_rel)
+    if require_instances and not boxes:
+        raise SampleError(sample_id, f"{caption_path}: every instance lies outside the centre crop at resolution {resolution}")
+    return RawSample(
+        id=sample_id, image=to_tensor(cropped), caption=data["caption"],
+        boxes=torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
+        instance_captions=captions, foreground=foreground, references=references,
+        reference_paths=ref_paths, source_size=(width, height), dropped=dropped,
+    )

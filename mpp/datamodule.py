@@ -1,0 +1,166 @@
+"""The LightningDataModule over a prepared dataset (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from mpp.data.dataset import PreparedDataset, collate
+from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
+from mpp.data.sampler import ResumableShardSampler
+from mpp.encoders import EncoderSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ToyData:
+    """Build the toy world's models and dataset when the data folder does not hold them yet.
+
+    Args:
+        models_dir: where the toy encoders and backbone are cached.
+        num_samples: scenes to generate.
+        seed: world seed (same seed, same dataset bit for bit).
+        image_size: side of the square toy images.
+    """
+
+    models_dir: str = ".cache/toy/models"
+    num_samples: int = 512
+    seed: int = 0
+    image_size: int = 128
+
+
+def is_validation(sample_id: str, fraction: float) -> bool:
+    """A stable split: adding samples never moves an existing one between train and val."""
+    return int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+class MppDataModule(L.LightningDataModule):
+    """Streams prepared samples: validated on load, instances padded with a mask, sharded across
+    ranks, resumable mid-epoch.
+
+    Args:
+        root: the prepared dataset (output of `mpp.prepare`).
+        encoders: the encoder settings the dataset must have been prepared with.
+        resolution: the image side the dataset must have been prepared at.
+        batch_size: samples per rank per step.
+        val_fraction: share of ids held out for validation (by a hash of the id).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches for faster host→GPU copies.
+        max_bad_records: a run stops, listing them, once more records than this failed validation.
+        seed: seed of the per-epoch shuffle.
+        toy: when set, `prepare_data` builds the toy world into `root` if it is not complete.
+    """
+
+    def __init__(
+        self,
+        root: str = "output_data",
+        *,
+        encoders: EncoderSettings | None = None,
+        resolution: int = 1024,
+        batch_size: int = 2,
+        val_fraction: float = 0.02,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        max_bad_records: int = 100,
+        seed: int = 0,
+        toy: ToyData | None = None,
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.root = root
+        self.encoders = encoders or EncoderSettings()
+        self.resolution, self.batch_size, self.val_fraction = resolution, batch_size, val_fraction
+        self.num_workers, self.pin_memory, self.max_bad_records = num_workers, pin_memory, max_bad_records
+        self.seed, self.toy = seed, toy
+        self.train_records: list[dict] = []
+        self.val_records: list[dict] = []
+        self.bad_records: dict[str, str] = {}
+        self._epoch, self._batches = 0, 0
+        self._resume: dict | None = None
+        self._sampler: ResumableShardSampler | None = None
+
+    def prepare_data(self) -> None:
+        if self.toy is None:
+            return
+        from mpp.prepare import prepare_toy
+
+        t = self.toy
+        result = prepare_toy(self.root, models_dir=t.models_dir, num_samples=t.num_samples, seed=t.seed,
+                             image_size=t.image_size, encoders=self.encoders)
+        if result.errors:
+            raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")
+
+    def setup(self, stage: str | None = None) -> None:
+        manifest = os.path.join(self.root, "manifest.jsonl")
+        if not os.path.exists(manifest):
+            raise ValueError(f"{manifest} does not exist: prepare the dataset first (python -m mpp.prepare), "
+                             "or merge shards (python -m mpp.prepare merge)")
+        check_prepare_info(self.root, {"version": FORMAT_VERSION, "resolution": self.resolution,
+                                       "encoders": self.encoders.to_dict()})
+        records = read_manifest(manifest)
+        self.val_records = [r for r in records if is_validation(r["id"], self.val_fraction)]
+        self.train_records = [r for r in records if not is_validation(r["id"], self.val_fraction)]
+        if not self.train_records or not self.val_records:
+            raise ValueError(f"{manifest}: {len(self.train_records)} train and {len(self.val_records)} val samples "
+                             f"with data.val_fraction={self.val_fraction}; both splits need at least one")
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader(self, dataset, sampler, **kw) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        self._sampler = ResumableShardSampler(len(self.train_records), rank=rank, num_replicas=world,
+                                              shuffle=True, seed=self.seed, drop_last=True)
+        if self._resume is not None:
+            self._sampler.set_epoch(self._resume["epoch"])
+            self._sampler.skip(self._resume["batches"] * self.batch_size)
+            self._epoch, self._batches = self._resume["epoch"], self._resume["batches"]
+            self._resume = None
+        return self._loader(PreparedDataset(self.root, self.train_records), self._sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = ResumableShardSampler(len(self.val_records), rank=rank, num_replicas=world, shuffle=False,
+                                        drop_last=False)
+        return self._loader(PreparedDataset(self.root, self.val_records), sampler)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:
+            epoch = self.trainer.current_epoch
+            if epoch != self._epoch:
+                self._epoch, self._batches = epoch, 0
+            self._batches += 1
+        for bad in batch.pop("bad"):
+            if bad.id not in self.bad_records:
+                log.warning("skipping bad record %s in %s: %s", bad.id, self.root, bad.reason)
+            self.bad_records[bad.id] = bad.reason
+        if len(self.bad_records) > self.max_bad_records:
+            listing = "\n".join(f"  {k}: {v}" for k, v in sorted(self.bad_records.items()))
+            raise RuntimeError(f"{len(self.bad_records)} bad records in {self.root} exceed "
+                               f"data.max_bad_records={self.max_bad_records}:\n{listing}")
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._batches, "batch_size": self.batch_size,
+                "bad_records": dict(self.bad_records)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(f"data.batch_size={self.batch_size} differs from the checkpoint's "
+                             f"{state['batch_size']}; an exact resume needs the same batch size")
+        self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
+        self.bad_records = dict(state["bad_records"])

@@ -1,0 +1,297 @@
+"""The toy model bundle: tiny encoders and backbone of the real classes, built deterministically.
+
+``build_toy_models(cache_dir)`` writes a folder laid out like a FLUX.1 checkpoint plus the extra
+encoders mpp uses, every part loadable with the real ``from_pretrained``::
+
+    vae/             PatchCodec (mpp.toy.codec) fitted by PCA on toy scenes
+    text_encoder/    CLIPTextModel          tokenizer/    word-level PreTrainedTokenizerFast
+    text_encoder_2/  T5EncoderModel         tokenizer_2/  same tokenizer
+    image_encoder/   CLIPVisionModelWithProjection (+ preprocessor_config.json)
+    dino/            Dinov2Model (+ preprocessor_config.json)
+    transformer/     FluxTransformer2DModel(**toy_flux_config())
+    mpp_toy.json     marker: format version, seed, world parameters
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .codec import PatchCodec
+from .scenes import ToyWorld
+
+__all__ = [
+    "build_toy_models",
+    "toy_flux_config",
+    "build_toy_tokenizer",
+    "SPECIAL_TOKENS",
+    "MARKER_NAME",
+    "FORMAT_VERSION",
+    "FIT_INDEX_OFFSET",
+    "MAX_LENGTH",
+]
+
+FORMAT_VERSION = 1
+MARKER_NAME = "mpp_toy.json"
+FIT_INDEX_OFFSET = 10_000_000  # codec fit scenes: far from any dataset's indices
+MAX_LENGTH = 32
+# id order is fixed: pad=0, unk=1, bos=2, eos=3, then the vocabulary sorted.
+# (eos must not be 2: CLIPTextModel treats eos_token_id == 2 as a legacy config and pools at argmax id.)
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
+HIDDEN = 32
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+ENCODER_IMAGE_SIZE = 32
+
+
+def toy_flux_config() -> dict:
+    """A tiny ``FluxTransformer2DModel`` config matching the toy encoders and the 16-channel codec."""
+    return {
+        "in_channels": 64,  # 16 latent channels packed 2×2
+        "num_layers": 4,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 4,
+        "joint_attention_dim": HIDDEN,  # T5 d_model
+        "pooled_projection_dim": HIDDEN,  # CLIP text hidden size (pooled output)
+        "guidance_embeds": True,
+        "axes_dims_rope": [4, 6, 6],  # sums to attention_head_dim
+    }
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+
+def build_toy_tokenizer(world: ToyWorld, max_length: int = MAX_LENGTH):
+    """Word-level ``PreTrainedTokenizerFast`` over ``world.vocabulary()``; adds bos/eos."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [SPECIAL_TOKENS[k] for k in ("pad", "unk", "bos", "eos")]
+    vocab = {tok: i for i, tok in enumerate(specials + world.vocabulary())}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    bos, eos = SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} $B:1 {eos}:1",
+        special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, " ," -> ","
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        model_max_length=max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=True,
+    )
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _preprocessor_config(kind: str, mean: list[float], std: list[float]) -> dict:
+    # `image_mean`, `image_std` and `size` are what mpp reads; the other keys let
+    # AutoImageProcessor build the matching slow processor as well.
+    return {
+        "image_processor_type": kind,
+        "image_mean": mean,
+        "image_std": std,
+        "size": ENCODER_IMAGE_SIZE,
+        "crop_size": ENCODER_IMAGE_SIZE,
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_rescale": True,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "resample": 3,
+    }
+
+
+def _fit_codec(world: ToyWorld, fit_samples: int) -> PatchCodec:
+    images = np.stack([world.scene(FIT_INDEX_OFFSET + i).image for i in range(fit_samples)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    return PatchCodec.fit(x, patch_size=8, latent_channels=16)
+
+
+def _build(out: Path, world: ToyWorld, seed: int, fit_samples: int) -> None:
+    from diffusers import FluxTransformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Config,
+        Dinov2Model,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    _fit_codec(world, fit_samples).save_pretrained(out / "vae")
+
+    tokenizer = build_toy_tokenizer(world)
+    for sub in ("tokenizer", "tokenizer_2"):
+        tokenizer.save_pretrained(out / sub)
+        # transformers 5 writes "TokenizersBackend"; the 4.x name loads in both
+        cfg_path = out / sub / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        _write_json(cfg_path, cfg)
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL_TOKENS.items()}
+    vocab_size = len(tokenizer)
+
+    _seeded(seed + 1)
+    clip_text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            projection_dim=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_LENGTH,
+            pad_token_id=ids["pad"],
+            bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"],
+        )
+    )
+    clip_text.save_pretrained(out / "text_encoder")
+
+    _seeded(seed + 2)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=HIDDEN,
+            d_kv=8,
+            d_ff=2 * HIDDEN,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=MAX_LENGTH,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=ids["pad"],
+            eos_token_id=ids["eos"],
+            decoder_start_token_id=ids["pad"],
+        )
+    )
+    t5.save_pretrained(out / "text_encoder_2")
+
+    _seeded(seed + 3)
+    clip_vision = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            image_size=ENCODER_IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            projection_dim=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        )
+    )
+    clip_vision.save_pretrained(out / "image_encoder")
+    _write_json(out / "image_encoder" / "preprocessor_config.json", _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
+
+    _seeded(seed + 4)
+    dino = Dinov2Model(
+        Dinov2Config(
+            image_size=ENCODER_IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+        )
+    )
+    dino.save_pretrained(out / "dino")
+    _write_json(out / "dino" / "preprocessor_config.json", _preprocessor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
+
+    _seeded(seed + 5)
+    FluxTransformer2DModel(**toy_flux_config()).save_pretrained(out / "transformer")
+
+
+def _marker(world: ToyWorld, seed: int, fit_samples: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": int(seed),
+        "fit_samples": int(fit_samples),
+        "world": world.config,
+        "flux": toy_flux_config(),
+    }
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_toy_models(
+    cache_dir,
+    *,
+    world: ToyWorld | None = None,
+    seed: int = 0,
+    fit_samples: int = 256,
+    overwrite: bool = False,
+) -> Path:
+    """Build (or reuse) the toy bundle in ``cache_dir`` and return its path.
+
+    A no-op when ``cache_dir/mpp_toy.json`` matches the requested parameters (unless
+    ``overwrite``). The bundle is written to a temporary sibling folder and renamed into place, so
+    an interrupted build never leaves a half bundle; concurrent builders (e.g. DDP ranks) are safe:
+    the first complete bundle wins and the others discard theirs.
+    """
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    world = world if world is not None else ToyWorld(seed=seed)
+    marker = _marker(world, seed, fit_samples)
+    if not overwrite and _read_marker(cache_dir) == marker:
+        return cache_dir
+
+    from transformers.utils import logging as hf_logging
+
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars, once per model
+    try:
+        _build(tmp, world, seed, fit_samples)
+        _write_json(tmp / MARKER_NAME, marker)  # last: a bundle with a marker is complete
+        if cache_dir.exists():
+            if not overwrite and _read_marker(cache_dir) == marker:
+                return cache_dir  # another process finished first
+            old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
+            os.replace(cache_dir, old / "bundle")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, cache_dir)
+        except OSError:
+            # lost a race against another builder that renamed its bundle in between
+            if _read_marker(cache_dir) != marker:
+                raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir

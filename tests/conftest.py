@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+from mpp.prepare import prepare_dataset, toy_encoder_settings
+
+TOY_SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def toy_world():
+    from mpp.toy.scenes import ToyWorld
+
+    return ToyWorld(image_size=TOY_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_models(tmp_path_factory, toy_world):
+    """The toy encoder bundle, built once per test session."""
+    from mpp.toy.models import build_toy_models
+
+    return str(build_toy_models(tmp_path_factory.mktemp("toy_models"), world=toy_world))
+
+
+@pytest.fixture(scope="session")
+def toy_settings(toy_models):
+    return toy_encoder_settings(toy_models)
+
+
+@pytest.fixture(scope="session")
+def toy_raw(tmp_path_factory, toy_world):
+    """A raw folder (DESIGN.md section 2 format) of 24 toy scenes."""
+    root = tmp_path_factory.mktemp("toy_raw")
+    toy_world.write_raw(str(root), 24)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def toy_prepared(tmp_path_factory, toy_raw, toy_settings):
+    """The prepared toy dataset (read-only for tests: copy it before changing it)."""
+    out = str(tmp_path_factory.mktemp("toy_prepared"))
+    result = prepare_dataset(toy_raw, out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
+    assert not result.errors and len(result.written) == 24
+    return out

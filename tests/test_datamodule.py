@@ -1,0 +1,165 @@
+import os
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpp.data.layout import read_manifest, sample_path
+from mpp.data.sampler import ResumableShardSampler
+from mpp.datamodule import MppDataModule
+from tests.conftest import TOY_SIZE
+
+
+def _dm(root, settings, **kw):
+    kw = {"batch_size": 2, "num_workers": 0, "pin_memory": False, "val_fraction": 0.2, **kw}
+    return MppDataModule(root, encoders=settings, resolution=TOY_SIZE, **kw)
+
+
+def test_batches_are_padded_with_a_mask(toy_prepared, toy_settings):
+    dm = _dm(toy_prepared, toy_settings, batch_size=4)
+    dm.setup("fit")
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    n = batch["instance_mask"].shape[1]
+    counts = {r["id"]: r["num_instances"] for r in dm.train_records}
+    assert n == max(counts[i] for i in batch["ids"])
+    for i, sid in enumerate(batch["ids"]):
+        assert batch["instance_mask"][i].sum() == counts[sid]
+        assert (batch["boxes"][i, counts[sid]:] == 0).all()
+    assert batch["latents"].shape == (4, 16, TOY_SIZE // 8, TOY_SIZE // 8)
+    assert batch["clip_embeds"].shape[:2] == batch["dino_embeds"].shape[:2] == batch["instance_text"].shape[:2] == (4, n)
+    b = batch["boxes"][batch["instance_mask"]]
+    assert (b >= 0).all() and (b <= 1).all() and (b[:, 2] > b[:, 0]).all()
+
+
+def test_train_val_split_is_disjoint_and_stable(toy_prepared, toy_settings):
+    dm = _dm(toy_prepared, toy_settings)
+    dm.setup("fit")
+    train, val = {r["id"] for r in dm.train_records}, {r["id"] for r in dm.val_records}
+    assert train and val and not train & val and len(train | val) == 24
+    dm2 = _dm(toy_prepared, toy_settings)
+    dm2.setup("fit")
+    assert {r["id"] for r in dm2.val_records} == val
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_see_disjoint_samples(world):
+    shares = [list(ResumableShardSampler(23, rank=r, num_replicas=world, seed=5)) for r in range(world)]
+    flat = [i for s in shares for i in s]
+    assert len(flat) == len(set(flat)) == 23 - 23 % world
+    assert len({len(s) for s in shares}) == 1
+
+
+def test_epochs_shuffle_differently_and_reproducibly():
+    s = ResumableShardSampler(50, seed=1)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+    s.set_epoch(0)
+    assert list(s) == first
+
+
+def test_prepared_with_other_settings_is_refused(toy_prepared, toy_settings):
+    other = type(toy_settings)(**{**toy_settings.to_dict(), "t5_max_length": 64})
+    with pytest.raises(ValueError, match="t5_max_length.*32.*64"):
+        _dm(toy_prepared, other).setup("fit")
+    with pytest.raises(ValueError, match="resolution"):
+        MppDataModule(toy_prepared, encoders=toy_settings, resolution=256).setup("fit")
+
+
+class _Recorder(L.LightningModule):
+    """Consumes batches and records which samples it saw, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(32, 1)
+        self.seen: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.extend(batch["ids"])
+        return self.layer(batch["pooled_prompt_embeds"]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer(tmp_path, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+                     use_distributed_sampler=False, **kw)
+
+
+def test_mid_epoch_resume_yields_exactly_the_remaining_samples(toy_prepared, toy_settings, tmp_path):
+    full = _Recorder()
+    _trainer(tmp_path / "full", max_epochs=2).fit(full, datamodule=_dm(toy_prepared, toy_settings))
+    per_epoch = len(full.seen) // 2
+
+    # the checkpoint is written mid-epoch by the callback, as in a real run
+    first = _Recorder()
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _trainer(tmp_path / "a", max_steps=4, callbacks=[saver]).fit(first, datamodule=_dm(toy_prepared, toy_settings))
+    ckpt = str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert first.seen == full.seen[:8]
+
+    second = _Recorder()
+    _trainer(tmp_path / "b", max_epochs=2).fit(second, datamodule=_dm(toy_prepared, toy_settings), ckpt_path=ckpt)
+    assert second.seen == full.seen[6:]
+    assert len(full.seen) == 2 * per_epoch
+
+
+def _damaged_copy(toy_prepared, tmp_path, damage_ids):
+    root = tmp_path / "data"
+    shutil.copytree(toy_prepared, root)
+    for sid, kind in damage_ids:
+        if kind == "nan":
+            path = sample_path(str(root), "latents", sid)
+            save_file({"latents": torch.full((16, TOY_SIZE // 8, TOY_SIZE // 8), float("nan"), dtype=torch.float16)}, path)
+        elif kind == "missing":
+            os.unlink(sample_path(str(root), "dino", sid))
+        elif kind == "shape":
+            save_file({"latents": torch.zeros(16, 4, 4, dtype=torch.float16)}, sample_path(str(root), "latents", sid))
+    return str(root)
+
+
+def test_bad_records_are_skipped_logged_and_counted(toy_prepared, toy_settings, tmp_path, caplog):
+    dm0 = _dm(toy_prepared, toy_settings)
+    dm0.setup("fit")
+    ids = [r["id"] for r in dm0.train_records]
+    damage = [(ids[0], "nan"), (ids[1], "missing"), (ids[2], "shape")]
+    dm = _dm(_damaged_copy(toy_prepared, tmp_path, damage), toy_settings, max_bad_records=5, batch_size=1)
+    dm.setup("fit")
+    seen = []
+    for batch in dm.train_dataloader():
+        seen += dm.on_before_batch_transfer(batch, 0)["ids"]
+    assert set(dm.bad_records) == set(ids[:3])
+    assert not set(seen) & set(ids[:3])
+    assert "non-finite" in dm.bad_records[ids[0]] and "No such file" in dm.bad_records[ids[1]]
+    assert "manifest says" in dm.bad_records[ids[2]]
+    assert all(sid in caplog.text for sid in ids[:3])
+
+
+def test_too_many_bad_records_stop_the_run_with_the_list(toy_prepared, toy_settings, tmp_path):
+    dm0 = _dm(toy_prepared, toy_settings)
+    dm0.setup("fit")
+    ids = [r["id"] for r in dm0.train_records]
+    dm = _dm(_damaged_copy(toy_prepared, tmp_path, [(i, "missing") for i in ids[:3]]), toy_settings, max_bad_records=2,
+             batch_size=1)
+    dm.setup("fit")
+    with pytest.raises(RuntimeError, match="exceed data.max_bad_records=2") as e:
+        for batch in dm.train_dataloader():
+            dm.on_before_batch_transfer(batch, 0)
+    assert all(i in str(e.value) for i in ids[:3])
+
+
+def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
+    from mpp.datamodule import ToyData
+    from mpp.prepare import toy_encoder_settings
+
+    dm = MppDataModule(str(tmp_path / "toy"), encoders=toy_encoder_settings(toy_models), resolution=TOY_SIZE,
+                       toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE), num_workers=0,
+                       val_fraction=0.3)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_records) + len(dm.val_records) == 10
+    assert len(read_manifest(str(tmp_path / "toy" / "manifest.jsonl"))) == 10

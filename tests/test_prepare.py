@@ -1,0 +1,208 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import mpp.prepare as prepare_mod
+from mpp.data.layout import file_sha256, read_manifest, sample_path
+from mpp.prepare import merge_shards, prepare_dataset
+from tests.conftest import TOY_SIZE
+
+
+def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settings):
+    records = read_manifest(os.path.join(toy_prepared, "manifest.jsonl"))
+    assert len(records) == 24
+    info = json.load(open(os.path.join(toy_prepared, "prepare.json")))
+    assert info["resolution"] == TOY_SIZE and info["encoders"]["flux"] == toy_settings.flux
+    for r in records:
+        for kind, digest in r["files"].items():
+            assert file_sha256(sample_path(toy_prepared, kind, r["id"])) == digest
+        lat = load_file(sample_path(toy_prepared, "latents", r["id"]))["latents"]
+        assert lat.dtype == torch.float16 and list(lat.shape) == r["latent_shape"] == [16, TOY_SIZE // 8, TOY_SIZE // 8]
+        n = r["num_instances"]
+        cap = json.load(open(sample_path(toy_prepared, "caption", r["id"])))
+        raw = json.load(open(os.path.join(toy_raw, "captions", r["id"] + ".json")))
+        assert cap["num_instances"] == n == len(raw["instances"])
+        for inst, src in zip(cap["instances"], raw["instances"]):
+            assert [round(v * TOY_SIZE, 3) for v in inst["bbox"]] == pytest.approx(src["bbox"], abs=1e-3)
+        assert load_file(sample_path(toy_prepared, "clip", r["id"]))["embeds"].shape == (n, 32)
+        assert load_file(sample_path(toy_prepared, "dino", r["id"]))["embeds"].shape == (n, 32)
+        text = load_file(sample_path(toy_prepared, "text", r["id"]))
+        assert text["prompt_embeds"].shape == (32, 32) and text["pooled_prompt_embeds"].shape == (32,)
+        assert text["instance_embeds"].shape == (n, 32)
+        assert all(t.dtype == torch.float16 for t in text.values())
+
+
+def test_reference_image_is_embedded_not_the_box_crop(toy_prepared, toy_raw):
+    """A foreground instance with a reference gets the reference's embedding: the same identity
+    has the same embedding in every scene."""
+    by_ref: dict[str, list[torch.Tensor]] = {}
+    for r in read_manifest(os.path.join(toy_prepared, "manifest.jsonl")):
+        cap = json.load(open(sample_path(toy_prepared, "caption", r["id"])))
+        dino = load_file(sample_path(toy_prepared, "dino", r["id"]))["embeds"]
+        for k, inst in enumerate(cap["instances"]):
+            if inst["reference"]:
+                by_ref.setdefault(inst["reference"], []).append(dino[k])
+    repeated = [v for v in by_ref.values() if len(v) > 1]
+    assert repeated, "the toy world should repeat identities across scenes"
+    for v in repeated:
+        assert all(torch.equal(v[0], x) for x in v[1:])
+
+
+def _copy_raw(toy_raw, tmp_path, n=6):
+    dst = tmp_path / "raw"
+    (dst / "images").mkdir(parents=True)
+    (dst / "captions").mkdir()
+    shutil.copytree(os.path.join(toy_raw, "refs"), dst / "refs")
+    ids = sorted(f[:-4] for f in os.listdir(os.path.join(toy_raw, "images")))[:n]
+    for i in ids:
+        shutil.copy(os.path.join(toy_raw, "images", i + ".png"), dst / "images")
+        shutil.copy(os.path.join(toy_raw, "captions", i + ".json"), dst / "captions")
+    return dst, ids
+
+
+def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch):
+    raw, ids = _copy_raw(toy_raw, tmp_path)
+    out = str(tmp_path / "out")
+    real_write = prepare_mod._write_sample
+    calls = []
+
+    def crash_on_fourth(output, s, tensors, dtype):
+        calls.append(s.id)
+        if len(calls) == 4:  # dies after writing some of the sample's files
+            torch_file = sample_path(output, "latents", s.id)
+            os.makedirs(os.path.dirname(torch_file), exist_ok=True)
+            open(torch_file, "wb").write(b"partial")
+            raise KeyboardInterrupt
+        return real_write(output, s, tensors, dtype)
+
+    monkeypatch.setattr(prepare_mod, "_write_sample", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(str(raw), out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
+    monkeypatch.setattr(prepare_mod, "_write_sample", real_write)
+    assert [r["id"] for r in read_manifest(os.path.join(out, "manifest.jsonl"))] == ids[:3]
+
+    # a finished sample whose file was damaged afterwards is redone too
+    open(sample_path(out, "dino", ids[0]), "ab").write(b"x")
+    result = prepare_dataset(str(raw), out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
+    assert result.skipped == ids[1:3]
+    assert sorted(result.written) == sorted([ids[0]] + ids[3:])
+
+    clean = str(tmp_path / "clean")
+    prepare_dataset(str(raw), clean, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
+    by_id = lambda root: {r["id"]: r for r in read_manifest(os.path.join(root, "manifest.jsonl"))}
+    assert by_id(out) == by_id(clean)
+
+
+def test_sharded_then_merged_equals_unsharded(toy_raw, toy_settings, tmp_path):
+    raw, ids = _copy_raw(toy_raw, tmp_path, n=7)
+    whole, sharded = str(tmp_path / "whole"), str(tmp_path / "sharded")
+    prepare_dataset(str(raw), whole, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
+    for i in range(3):
+        prepare_dataset(str(raw), sharded, encoders=toy_settings, resolution=TOY_SIZE, progress=False,
+                        num_shards=3, shard_index=i)
+    assert merge_shards(sharded) == 7
+    assert open(os.path.join(whole, "manifest.jsonl")).read() == open(os.path.join(sharded, "manifest.jsonl")).read()
+    for r in read_manifest(os.path.join(whole, "manifest.jsonl")):
+        for kind in r["files"]:
+            assert open(sample_path(whole, kind, r["id"]), "rb").read() == open(sample_path(sharded, kind, r["id"]), "rb").read()
+
+
+def test_other_encoder_settings_are_refused(toy_prepared, toy_settings, toy_raw, tmp_path):
+    out = tmp_path / "p"
+    shutil.copytree(toy_prepared, out)
+    other = type(toy_settings)(**{**toy_settings.to_dict(), "crop_margin": 0.3})
+    with pytest.raises(ValueError, match="prepared with other settings") as e:
+        prepare_dataset(toy_raw, str(out), encoders=other, resolution=TOY_SIZE, progress=False)
+    assert "0.3" in str(e.value) and "0.1" in str(e.value)
+
+
+# ---- bad inputs: one test per case, each names the file and the good samples still come out ----
+
+def _bad_case(toy_raw, settings, tmp_path, damage):
+    raw, ids = _copy_raw(toy_raw, tmp_path, n=3)
+    bad = ids[1]
+    damage(raw, bad)
+    out = str(tmp_path / "out")
+    result = prepare_dataset(str(raw), out, encoders=settings, resolution=TOY_SIZE, progress=False)
+    assert sorted(result.written) == [ids[0], ids[2]]
+    assert [i for i, _ in result.errors] == [bad]
+    with pytest.raises(ValueError) as stopped:
+        prepare_dataset(str(raw), str(tmp_path / "stop"), encoders=settings, resolution=TOY_SIZE,
+                        progress=False, on_error="stop")
+    assert str(stopped.value) == result.errors[0][1]
+    return result.errors[0][1], raw, bad
+
+
+def _edit_caption(raw, sid, edit):
+    path = raw / "captions" / f"{sid}.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_unreadable_image(toy_raw, toy_settings, tmp_path):
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, lambda raw, sid: (raw / "images" / f"{sid}.png").write_bytes(b"not a png"))
+    assert msg.startswith(str(raw / "images" / f"{bad}.png")) and "unreadable image" in msg
+
+
+def test_missing_caption_file(toy_raw, toy_settings, tmp_path):
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, lambda raw, sid: (raw / "captions" / f"{sid}.json").unlink())
+    assert msg.startswith(str(raw / "captions" / f"{bad}.json")) and "missing caption file" in msg
+
+
+def test_box_outside_image(toy_raw, toy_settings, tmp_path):
+    def damage(raw, sid):
+        _edit_caption(raw, sid, lambda d: d["instances"][0].update(bbox=[10, 10, 500, 40]))
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
+    assert str(raw / "captions" / f"{bad}.json") in msg and "instance 0 bbox [10, 10, 500, 40] lies outside the image" in msg
+
+
+def test_zero_area_box(toy_raw, toy_settings, tmp_path):
+    def damage(raw, sid):
+        _edit_caption(raw, sid, lambda d: d["instances"][0].update(bbox=[10, 10, 10, 40]))
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
+    assert str(raw / "captions" / f"{bad}.json") in msg and "has zero area" in msg
+
+
+def test_empty_instance_list(toy_raw, toy_settings, tmp_path):
+    def damage(raw, sid):
+        _edit_caption(raw, sid, lambda d: d.update(instances=[]))
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
+    assert str(raw / "captions" / f"{bad}.json") in msg and "empty instance list" in msg
+
+
+def test_missing_reference(toy_raw, toy_settings, tmp_path):
+    def damage(raw, sid):
+        _edit_caption(raw, sid, lambda d: d["instances"][0].update(reference="refs/nobody.png"))
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
+    assert str(raw / "refs" / "nobody.png") in msg and "does not exist" in msg
+
+
+def test_empty_instances_allowed_when_not_required(toy_raw, toy_settings, tmp_path):
+    raw, ids = _copy_raw(toy_raw, tmp_path, n=2)
+    _edit_caption(raw, ids[0], lambda d: d.update(instances=[]))
+    out = str(tmp_path / "out")
+    result = prepare_dataset(str(raw), out, encoders=toy_settings, resolution=TOY_SIZE, progress=False,
+                             require_instances=False)
+    assert sorted(result.written) == ids and not result.errors
+    assert load_file(sample_path(out, "clip", ids[0]))["embeds"].shape[0] == 0
+
+
+def test_cli_runs_and_merges(toy_raw, toy_settings, tmp_path):
+    raw, ids = _copy_raw(toy_raw, tmp_path, n=4)
+    out = str(tmp_path / "out")
+    enc = [f"--encoders.{k}={v}" for k, v in toy_settings.to_dict().items() if v is not None]
+    for i in range(2):
+        prepare_mod.main(["run", str(raw), out, f"--resolution={TOY_SIZE}",
+                          "--num_shards=2", f"--shard_index={i}", "--progress=false", *enc])
+    prepare_mod.main(["merge", out])
+    assert [r["id"] for r in read_manifest(os.path.join(out, "manifest.jsonl"))] == ids
