@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from mpp.data.dataset import PreparedDataset, collate
@@ -153,6 +154,10 @@ class MppDataModule(L.LightningDataModule):
             raise RuntimeError(f"{len(self.bad_records)} bad records in {self.root} exceed "
                                f"data.max_bad_records={self.max_bad_records}:\n{listing}")
         return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # stored as fp16/bf16 to halve reads and transfers; computed in float32 (autocast narrows)
+        return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()}
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batches": self._batches, "batch_size": self.batch_size,

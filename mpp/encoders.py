@@ -77,6 +77,16 @@ def _normalization(path: str, revision: str | None, default_mean, default_std):
     return tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
 
 
+def embedding_dims(settings: EncoderSettings) -> dict[str, int]:
+    """Widths of the stored embeddings, read from the encoders' configs without loading weights."""
+    from transformers import AutoConfig
+
+    clip = AutoConfig.from_pretrained(settings.clip_vision, revision=settings.revision)
+    dino = AutoConfig.from_pretrained(settings.dino, revision=settings.revision)
+    text = AutoConfig.from_pretrained(settings.flux, subfolder="text_encoder", revision=settings.revision)
+    return {"clip_dim": clip.projection_dim, "dino_dim": dino.hidden_size, "text_dim": text.hidden_size}
+
+
 def crop_boxes(images: Tensor, boxes: Tensor, *, size: int, margin: float = 0.0) -> Tensor:
     """Crops each box (with `margin` of its size on each side) and resizes it to size×size.
 

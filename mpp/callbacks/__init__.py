@@ -1,0 +1,9 @@
+"""Callbacks, one job each."""
+
+from mpp.callbacks.export import ExportSafetensors
+from mpp.callbacks.grad_norm import GradNorm
+from mpp.callbacks.images import ImageLogger
+from mpp.callbacks.preemption import PreemptionCheckpoint
+from mpp.callbacks.throughput import Throughput
+
+__all__ = ["ExportSafetensors", "GradNorm", "ImageLogger", "PreemptionCheckpoint", "Throughput"]

@@ -56,20 +56,17 @@ class PreparedDataset(Dataset):
             "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
         }
         validate_sample(sample, n=n, latent_shape=record["latent_shape"])
-        return {k: v.float() if isinstance(v, Tensor) else v for k, v in sample.items()}
+        return sample
 
 
 def validate_sample(sample: dict, *, n: int, latent_shape: list[int]) -> None:
-    """Raises ValueError naming what disagrees: shapes versus N and the latent grid, non-finite
-    values, boxes outside [0, 1] or without area."""
+    """Raises ValueError naming what disagrees: shapes versus N and the latent grid, boxes outside
+    [0, 1] or without area. Finiteness is checked per batch by `collate`."""
     if list(sample["latents"].shape) != list(latent_shape):
         raise ValueError(f"latents have shape {list(sample['latents'].shape)}, manifest says {latent_shape}")
     for key in ("boxes", "clip_embeds", "dino_embeds", "instance_text", "foreground"):
         if sample[key].shape[0] != n:
             raise ValueError(f"{key} has {sample[key].shape[0]} rows, manifest says {n} instances")
-    for key, value in sample.items():
-        if isinstance(value, Tensor) and not torch.isfinite(value.float()).all():
-            raise ValueError(f"{key} holds non-finite values")
     b = sample["boxes"]
     if n and ((b < 0).any() or (b > 1).any() or (b[:, 2] <= b[:, 0]).any() or (b[:, 3] <= b[:, 1]).any()):
         raise ValueError(f"boxes must lie in [0, 1] with positive area, got {b.tolist()}")
@@ -78,11 +75,28 @@ def validate_sample(sample: dict, *, n: int, latent_shape: list[int]) -> None:
 _PADDED = ("boxes", "clip_embeds", "dino_embeds", "instance_text", "foreground")
 
 
+def _nonfinite(sample: dict) -> str | None:
+    bad = [k for k, v in sample.items() if isinstance(v, Tensor) and not torch.isfinite(v).all()]
+    return f"ValueError: {', '.join(bad)} holds non-finite values" if bad else None
+
+
 def collate(items: list[dict | BadRecord]) -> dict:
     """Stacks good samples, pads instances to the batch maximum with `instance_mask`, and passes
-    the bad records on under "bad" for the DataModule to count."""
+    the bad records (including any with non-finite values) on under "bad" for the DataModule to
+    count. Tensors keep their stored dtype; the DataModule casts them on the device."""
     good = [x for x in items if not isinstance(x, BadRecord)]
-    batch: dict = {"bad": [x for x in items if isinstance(x, BadRecord)], "ids": [x["id"] for x in good]}
+    bad = [x for x in items if isinstance(x, BadRecord)]
+    batch = _stack(good)
+    if any(isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all() for v in batch.values()):
+        reasons = {x["id"]: _nonfinite(x) for x in good}
+        bad += [BadRecord(sid, r) for sid, r in reasons.items() if r]
+        batch = _stack([x for x in good if not reasons[x["id"]]])
+    batch["bad"] = bad
+    return batch
+
+
+def _stack(good: list[dict]) -> dict:
+    batch: dict = {"ids": [x["id"] for x in good]}
     if not good:
         return batch
     n_max = max(x["boxes"].shape[0] for x in good)

@@ -1,0 +1,33 @@
+import os
+
+import lightning as L
+from safetensors.torch import save_file
+
+
+class ExportSafetensors(L.Callback):
+    """At the end of training, writes the LoRA in diffusers' format (`lora.safetensors`, loadable
+    by `FluxPipeline.load_lora_weights`) and the heads (`heads.safetensors`) to `dirpath`.
+
+    Args:
+        dirpath: output folder.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            export(pl_module, self.dirpath)
+
+
+def export(pl_module, dirpath: str) -> None:
+    from diffusers import FluxPipeline
+
+    os.makedirs(dirpath, exist_ok=True)
+    lora = {k: v.detach().cpu().contiguous() for k, v in pl_module.model.lora_state_dict().items()}
+    if lora:
+        FluxPipeline.save_lora_weights(dirpath, transformer_lora_layers=lora, weight_name="lora.safetensors")
+    owned = pl_module.owned_keys()
+    state = pl_module.state_dict()
+    heads = {k.removeprefix("model."): state[k].detach().cpu().contiguous() for k in sorted(owned) if ".lora_" not in k}
+    save_file(heads, os.path.join(dirpath, "heads.safetensors"), metadata={"stage": str(pl_module.stage)})

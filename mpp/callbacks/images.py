@@ -1,0 +1,74 @@
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from mpp.data.dataset import BadRecord, collate
+from mpp.viz import draw_boxes, grid, to_chw, to_uint8
+
+
+class ImageLogger(L.Callback):
+    """Every `every_n_steps` optimizer steps, logs to TensorBoard a grid of the first `num_samples`
+    validation layouts: ground truth with boxes coloured by α (red foreground, blue background)
+    above the model's own Euler-sampled generations of the same layouts from a fixed seed.
+
+    Runs under no_grad on rank 0 (on every rank under FSDP, whose forward needs all of them, logging
+    on rank 0), restores train mode and leaves the training RNG untouched.
+
+    Args:
+        every_n_steps: optimizer steps between grids.
+        num_samples: layouts in the grid.
+        steps: Euler steps per generation (None: the module's sampling.steps).
+    """
+
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 4, steps: int | None = None):
+        self.every_n_steps, self.num_samples, self.steps = every_n_steps, num_samples, steps
+        self._last_step = -1
+
+    def _batch(self, trainer: L.Trainer, device: torch.device) -> dict:
+        dataset = trainer.datamodule.val_dataloader().dataset
+        items = [dataset[i] for i in range(min(self.num_samples, len(dataset)))]
+        batch = collate([x for x in items if not isinstance(x, BadRecord)])
+        batch.pop("bad")
+        return {k: v.to(device).float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @torch.no_grad()
+    def log_images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch = self._batch(trainer, pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                half = torch.full((len(batch["ids"]),), 0.5, device=pl_module.device)
+                alpha = pl_module(batch["latents"], half, batch).alpha
+                generated = pl_module.generate(batch, steps=self.steps)
+                truth = pl_module.encoders.decode_latents(batch["latents"])
+                images = pl_module.encoders.decode_latents(generated)
+        finally:
+            pl_module.train(was_training)
+        rows = [[], []]
+        for i in range(len(batch["ids"])):
+            valid = batch["instance_mask"][i]
+            boxes, a = batch["boxes"][i][valid].cpu(), alpha[i][valid].cpu()
+            rows[0].append(draw_boxes(to_uint8(truth[i]), boxes, a))
+            rows[1].append(draw_boxes(to_uint8(images[i]), boxes, a))
+        if not trainer.is_global_zero:
+            return
+        trainer.logger.experiment.add_image("images/truth_vs_generated", to_chw(grid(rows)), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step % self.every_n_steps == 0:
+            self._maybe_log(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps:
+            self._maybe_log(trainer, pl_module)
+
+    def _maybe_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.logger is not None and (trainer.is_global_zero or isinstance(trainer.strategy, FSDPStrategy)):
+            self.log_images(trainer, pl_module)

@@ -1,0 +1,268 @@
+"""The LightningModule: a thin shell around `mpp.nn.MppFlux`, the losses and the optimizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
+from mpp.flow import euler_sample, flow_matching_loss, noisy_latents, sample_timesteps
+from mpp.losses import alpha_bce, identity_loss
+from mpp.nn import MppFlux, build_backbone, set_trainable
+from mpp.nn.model import STAGE_GROUPS
+
+log = logging.getLogger(__name__)
+
+CONDITIONING = ("prompt_embeds", "pooled_prompt_embeds", "boxes", "instance_mask", "instance_text",
+                "clip_embeds", "dino_embeds")
+
+
+@dataclass
+class Heads:
+    """Widths and placement of the heads and the LoRA (DESIGN.md section 3)."""
+
+    layout_double_blocks: list[int] | None = None
+    layout_single_blocks: list[int] | None = None
+    lora_rank: int = 128
+    lora_alpha: float | None = None
+    lora_scope: str = "layout"
+    identity_dim: int = 256
+    modulation_rank: int = 8
+    fourier_freqs: int = 8
+    modality_dropout: float = 0.1
+    use_layout_head: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class Loss:
+    """Loss weights and the timestep sampler (DESIGN.md section 4)."""
+
+    flow_weight: float = 1.0
+    dino_identity_weight: float = 0.0
+    dino_t_threshold: float = 0.5
+    alpha_bce_weight: float = 0.0
+    timestep_sampler: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float | None = None
+
+
+@dataclass
+class Sampling:
+    """Euler sampling for logged images and generation."""
+
+    steps: int = 28
+    shift: float | None = 3.0
+    seed: int = 0
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**63 - 1)
+    return h
+
+
+class MppModule(L.LightningModule):
+    """Trains the heads and LoRA of one stage on a frozen FLUX backbone.
+
+    Args:
+        stage: 1 layout, 2 identity, 3 feedback; decides what trains and nothing else does.
+        backbone: hub id or folder holding the FLUX transformer.
+        backbone_subfolder: subfolder of `backbone` with the transformer, or None.
+        backbone_dtype: dtype of the frozen backbone weights.
+        encoders: the frozen encoders (linked from data.encoders by the CLI).
+        heads: head and LoRA sizes.
+        loss: loss weights and timestep sampler.
+        guidance: guidance value fed to a guidance-distilled backbone while training.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up in optimizer steps, then constant.
+        seed: seeds the noise and timesteps, together with the step and the rank.
+        sampling: Euler sampling of logged images.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: int = 1,
+        backbone: str = "black-forest-labs/FLUX.1-dev",
+        backbone_subfolder: str | None = "transformer",
+        backbone_dtype: str = "bfloat16",
+        encoders: EncoderSettings | None = None,
+        heads: Heads | None = None,
+        loss: Loss | None = None,
+        guidance: float = 3.5,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        sampling: Sampling | None = None,
+    ):
+        super().__init__()
+        if stage not in STAGE_GROUPS:
+            raise ValueError(f"model.stage must be one of {sorted(STAGE_GROUPS)}, got {stage}")
+        self.save_hyperparameters()
+        self.stage = stage
+        self.encoder_settings = encoders or EncoderSettings()
+        self.heads = heads or Heads()
+        self.loss_cfg = loss or Loss()
+        self.sampling = sampling or Sampling()
+        self.model: MppFlux | None = None
+        self._encoders: Encoders | None = None
+        self.init_from: str | None = None  # a previous stage's checkpoint: weights only
+        self.micro_step = 0  # training micro-batches done; seeds noise so a resumed run draws the same
+        self.strict_loading = False  # checkpoints hold only mpp's own weights; checked in on_load_checkpoint
+
+    # ----- building ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        dims = embedding_dims(self.encoder_settings)
+        backbone = build_backbone(self.hparams.backbone, subfolder=self.hparams.backbone_subfolder,
+                                  torch_dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
+        self.model = MppFlux(backbone, **dims, **asdict(self.heads))
+        set_trainable(self.model, STAGE_GROUPS[self.stage])
+        if self.init_from is not None:
+            self._load_previous_stage(self.init_from)
+
+    @property
+    def encoders(self) -> Encoders:
+        """The frozen encoders on this module's device (loaded on first use: the VAE and DINOv2 for
+        the identity loss and image logging; the text encoders only for generation)."""
+        if self._encoders is None or self._encoders.device != self.device:
+            self._encoders = Encoders(self.encoder_settings, device=self.device,
+                                      dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
+        return self._encoders
+
+    def owned_keys(self) -> set[str]:
+        """State-dict keys of every parameter mpp adds to the backbone (heads and LoRA)."""
+        owned = {id(p) for group in self.model.parameter_groups().values() for p in group}
+        return {name for name, p in self.named_parameters() if id(p) in owned}
+
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def _load_previous_stage(self, path: str) -> None:
+        from mpp.checkpoints import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        previous = STAGE_GROUPS[ckpt["mpp"]["stage"]]
+        expected = {id(p) for g in previous for p in self.model.parameter_groups()[g]}
+        expected_keys = {n for n, p in self.named_parameters() if id(p) in expected}
+        missing = sorted(expected_keys - set(ckpt["state_dict"]))
+        if missing:
+            raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it trained, "
+                             f"e.g. {missing[:5]}")
+        unknown = sorted(set(ckpt["state_dict"]) - self.owned_keys())
+        if unknown:
+            raise ValueError(f"{path}: checkpoint holds {len(unknown)} weights this model lacks, e.g. {unknown[:5]}")
+        self.load_state_dict(ckpt["state_dict"], strict=False)
+        log.info("loaded %d weights of stage %d from %s", len(ckpt["state_dict"]), ckpt["mpp"]["stage"], path)
+
+    # ----- checkpoints: only mpp's own weights, never the backbone ------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        owned = self.owned_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in owned}
+        checkpoint["mpp"] = {"stage": self.stage, "micro_step": self.micro_step,
+                             "log_version": getattr(self.logger, "version", None)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stage = checkpoint["mpp"]["stage"]
+        if stage != self.stage:
+            raise ValueError(f"resuming stage {self.stage} from a stage-{stage} checkpoint: pass it as a "
+                             "previous stage's --ckpt_path (stage + 1) or use the same stage's config")
+        missing = sorted(self.owned_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} of this model's trainable weights, e.g. {missing[:5]}")
+        self.micro_step = checkpoint["mpp"]["micro_step"]
+
+    # ----- steps -------------------------------------------------------------------------------
+    def _generator(self, *parts: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_seed(self.hparams.seed, *parts))
+
+    def forward(self, latents: Tensor, t: Tensor, batch: dict):
+        guidance = torch.full_like(t, self.hparams.guidance)
+        return self.model(latents=latents, timesteps=t, guidance=guidance, **{k: batch[k] for k in CONDITIONING})
+
+    def _losses(self, batch: dict, noise: Tensor, t: Tensor, prefix: str) -> dict[str, Tensor]:
+        x0 = batch["latents"]
+        x_t = noisy_latents(x0, noise, t)
+        out = self(x_t, t, batch)
+        cfg = self.loss_cfg
+        flow = flow_matching_loss(out.velocity, x0, noise)
+        logs = {f"{prefix}loss/flow_matching": flow, f"{prefix}loss/reconstruction": flow}
+        total = cfg.flow_weight * flow
+        if cfg.dino_identity_weight > 0:
+            ident = identity_loss(x_t, t, out.velocity, boxes=batch["boxes"], instance_mask=batch["instance_mask"],
+                                  alpha=out.alpha, reference_dino=batch["dino_embeds"], encoders=self.encoders,
+                                  t_threshold=cfg.dino_t_threshold, margin=self.encoder_settings.crop_margin)
+            if ident is not None:
+                total = total + cfg.dino_identity_weight * ident[0]
+                logs[f"{prefix}loss/dino_identity"] = ident[0]
+                logs[f"{prefix}metrics/dino_similarity_mean"] = ident[1]
+        if cfg.alpha_bce_weight > 0:
+            bce = alpha_bce(out.alpha, batch["foreground"], batch["instance_mask"])
+            if bce is not None:
+                total = total + cfg.alpha_bce_weight * bce
+                logs[f"{prefix}loss/alpha_bce"] = bce
+        logs[f"{prefix}loss/total"] = total
+        valid = batch["instance_mask"]
+        if valid.any():
+            a = out.alpha[valid].detach()
+            logs[f"{prefix}metrics/alpha_mean"] = a.mean()
+            logs[f"{prefix}metrics/alpha_fg_ratio"] = (a > 0.5).float().mean()
+        if out.feedback_magnitude is not None:
+            logs[f"{prefix}metrics/feedback_magnitude"] = out.feedback_magnitude.detach()
+        return logs
+
+    def _noise_and_t(self, x0: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        cfg = self.loss_cfg
+        t = sample_timesteps(x0.shape[0], generator=g, sampler=cfg.timestep_sampler, mean=cfg.logit_mean,
+                             std=cfg.logit_std, shift=cfg.shift).to(x0)
+        return noise, t
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        step = self.micro_step
+        self.micro_step += 1
+        if "latents" not in batch:  # every record of this batch failed validation
+            return None
+        noise, t = self._noise_and_t(batch["latents"], self._generator(step, self.global_rank))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # modality dropout draws from here, per step
+            torch.manual_seed(_seed(self.hparams.seed, step, self.global_rank, 1))
+            logs = self._losses(batch, noise, t, prefix="")
+        self.log_dict(logs, prog_bar=False, batch_size=len(batch["ids"]))
+        self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=len(batch["ids"]))
+        return logs["loss/total"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "latents" not in batch:
+            return
+        # the same noise and timesteps at every validation, so val/loss is comparable across steps
+        noise, t = self._noise_and_t(batch["latents"], self._generator(-1, batch_idx, self.global_rank))
+        logs = self._losses(batch, noise, t, prefix="val/")
+        self.log("val/loss", logs["val/loss/flow_matching"], sync_dist=True, batch_size=len(batch["ids"]))
+
+    @torch.no_grad()
+    def generate(self, batch: dict, *, seed: int | None = None, steps: int | None = None) -> Tensor:
+        """Euler-samples latents for the batch's layouts from a fixed seed; returns B×C×h×w."""
+        x0 = batch["latents"] if "latents" in batch else None
+        shape = x0.shape if x0 is not None else batch["latent_shape"]
+        g = torch.Generator().manual_seed(self.sampling.seed if seed is None else seed)
+        noise = torch.randn(shape, generator=g).to(self.device)
+        return euler_sample(lambda x, t: self(x, t, batch).velocity, noise, steps=steps or self.sampling.steps,
+                            shift=self.sampling.shift)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
