@@ -128,7 +128,7 @@ class MppDataModule(L.LightningDataModule):
                                               shuffle=True, seed=self.seed, drop_last=True)
         if self._resume is not None:
             self._sampler.set_epoch(self._resume["epoch"])
-            self._sampler.skip(self._resume["batches"] * self.batch_size)
+            self._sampler.skip(self._resume["batches"] * self.batch_size, epoch=self._resume["epoch"])
             self._epoch, self._batches = self._resume["epoch"], self._resume["batches"]
             self._resume = None
         return self._loader(PreparedDataset(self.root, self.train_records), self._sampler, drop_last=True)

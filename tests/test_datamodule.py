@@ -163,3 +163,15 @@ def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
     dm.setup("fit")
     assert len(dm.train_records) + len(dm.val_records) == 10
     assert len(read_manifest(str(tmp_path / "toy" / "manifest.jsonl"))) == 10
+
+
+def test_skip_applies_only_to_the_interrupted_epoch():
+    s = ResumableShardSampler(20, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    s.skip(6, epoch=2)
+    assert list(s) == full[6:]
+    assert list(s) == full  # once
+    s.skip(20, epoch=2)  # the interrupted epoch had ended: Lightning moves on to the next one
+    s.set_epoch(3)
+    assert len(list(s)) == 20

@@ -12,8 +12,9 @@ class ResumableShardSampler(Sampler[int]):
     """Each epoch, a permutation seeded by (seed, epoch), cut to a multiple of `num_replicas`
     (drop_last) or padded by wrapping around, and strided by rank so ranks see disjoint samples.
 
-    `skip(n)` makes the next iteration start after the first n indices of this rank's share: that
-    is how a resumed run gets exactly the samples its interrupted epoch had not yet used.
+    `skip(n, epoch)` makes the iteration of that epoch start after the first n indices of this
+    rank's share: that is how a resumed run gets exactly the samples its interrupted epoch had not
+    yet used (and nothing is skipped when the interrupted epoch had ended).
     """
 
     def __init__(self, num_samples: int, *, rank: int = 0, num_replicas: int = 1, shuffle: bool = True,
@@ -22,13 +23,13 @@ class ResumableShardSampler(Sampler[int]):
         self.num_samples, self.rank, self.num_replicas = num_samples, rank, num_replicas
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
-        self._skip = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def skip(self, n: int) -> None:
-        self._skip = n
+    def skip(self, n: int, epoch: int) -> None:
+        self._skip = (epoch, n)
 
     def __len__(self) -> int:
         # the full share even when skipping: a resumed loop counts the skipped batches as done
@@ -51,6 +52,10 @@ class ResumableShardSampler(Sampler[int]):
         return order[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        share = self.indices()[self._skip :]
-        self._skip = 0
+        share = self.indices()
+        if self._skip is not None:
+            epoch, n = self._skip
+            self._skip = None
+            if epoch == self.epoch:
+                share = share[n:]
         return iter(share)

@@ -1,0 +1,33 @@
+"""Alpha predictor: α_k = σ(MLP[c_k, d_k, geom(b_k)]) ∈ (0, 1), identity-bearing foreground (high)
+versus layout-only background element (low)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+GEOM_DIM = 9
+
+
+def box_geometry(boxes: Tensor) -> Tensor:
+    """…×4 xyxy in [0, 1] → …×9: x0, y0, x1, y1, centre x, centre y, width, height, area."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    w, h = (x1 - x0), (y1 - y0)
+    return torch.stack([x0, y0, x1, y1, (x0 + x1) / 2, (y0 + y1) / 2, w, h, w * h], dim=-1)
+
+
+class AlphaPredictor(nn.Module):
+    def __init__(self, clip_dim: int, dino_dim: int, hidden_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(clip_dim + dino_dim + GEOM_DIM, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, 1),
+        )
+
+    def forward(self, clip: Tensor, dino: Tensor, boxes: Tensor) -> Tensor:
+        """P×Dclip, P×Ddino, P×4 → P alphas in (0, 1)."""
+        x = torch.cat([clip, dino, box_geometry(boxes)], dim=-1)
+        return torch.sigmoid(self.mlp(x).squeeze(-1))

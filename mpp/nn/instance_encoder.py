@@ -1,0 +1,61 @@
+"""Instance encoder and the learned null embeddings for missing or dropped modalities.
+
+A modality (CLIP image embed, DINO embed, caption text embed) is *missing* for an instance when its
+vector is all zeros; it is then replaced by a learned null vector of the same (raw) width before any
+head sees it, so the alpha predictor, instance encoder and modulation head all use the substituted
+inputs. In training mode each modality of each instance is also replaced independently with
+probability ``modality_dropout``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def fourier_features(boxes: Tensor, num_freqs: int) -> Tensor:
+    """…×4 boxes → …×(4 + 8·num_freqs): the coordinates and sin/cos(2^f·π·coord)."""
+    freqs = (2.0 ** torch.arange(num_freqs, device=boxes.device, dtype=boxes.dtype)) * math.pi
+    angles = boxes[..., None] * freqs  # …×4×F
+    return torch.cat([boxes, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+
+class NullEmbeddings(nn.Module):
+    def __init__(self, clip_dim: int, dino_dim: int, text_dim: int, modality_dropout: float = 0.1):
+        super().__init__()
+        if not 0.0 <= modality_dropout <= 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1], got {modality_dropout}")
+        self.modality_dropout = modality_dropout
+        self.clip = nn.Parameter(torch.randn(clip_dim) * 0.02)
+        self.dino = nn.Parameter(torch.randn(dino_dim) * 0.02)
+        self.text = nn.Parameter(torch.randn(text_dim) * 0.02)
+
+    def _fill(self, x: Tensor, null: Tensor) -> Tensor:
+        missing = (x == 0).all(dim=-1)
+        if self.training and self.modality_dropout > 0:
+            missing = missing | (torch.rand(missing.shape, device=x.device) < self.modality_dropout)
+        return torch.where(missing[:, None], null.to(x.dtype)[None], x)
+
+    def forward(self, clip: Tensor, dino: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """P×D inputs → the same with missing/dropped rows replaced by the null vectors."""
+        return self._fill(clip, self.clip), self._fill(dino, self.dino), self._fill(text, self.text)
+
+
+class InstanceEncoder(nn.Module):
+    """e_k = MLP[Fourier(b_k), t_k, (1−α_k)·P_clip(c_k) + α_k·P_dino(d_k)] → one token of width ``inner_dim``."""
+
+    def __init__(self, clip_dim: int, dino_dim: int, text_dim: int, inner_dim: int, fourier_freqs: int = 8):
+        super().__init__()
+        self.fourier_freqs = fourier_freqs
+        self.proj_clip = nn.Linear(clip_dim, inner_dim)
+        self.proj_dino = nn.Linear(dino_dim, inner_dim)
+        in_dim = 4 + 8 * fourier_freqs + text_dim + inner_dim
+        self.mlp = nn.Sequential(nn.Linear(in_dim, inner_dim), nn.SiLU(), nn.Linear(inner_dim, inner_dim))
+
+    def forward(self, boxes: Tensor, text: Tensor, clip: Tensor, dino: Tensor, alpha: Tensor) -> Tensor:
+        a = alpha[:, None]
+        image = (1 - a) * self.proj_clip(clip) + a * self.proj_dino(dino)
+        x = torch.cat([fourier_features(boxes, self.fourier_freqs), text, image], dim=-1)
+        return self.mlp(x)

@@ -1,0 +1,274 @@
+"""MppFlux: FLUX.1 transformer driven by mpp's own block loop, with the layout, identity and feedback heads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from diffusers import FluxTransformer2DModel
+from torch import Tensor, nn
+
+from .alpha import AlphaPredictor
+from .assemble_attn import InstanceLayout, box_mean, build_layout, spread_instances
+from .blocks import AssembleInput, double_block_forward, single_block_forward
+from .feedback import FeedbackBridge
+from .instance_encoder import InstanceEncoder, NullEmbeddings
+from .lora import add_lora, check_scope, lora_parameters, lora_state_dict, lora_target_modules
+from .modulation import ModulationHead, zero_linear
+from .packing import image_ids, pack_latents, text_ids, unpack_latents
+
+GROUPS = ("alpha", "instance_encoder", "layout", "lora", "modulation", "feedback")
+STAGE_GROUPS = {
+    1: ("alpha", "instance_encoder", "layout", "lora"),
+    2: ("alpha", "instance_encoder", "layout", "lora", "modulation"),
+    3: ("feedback",),
+}
+# guidance fed to a guidance-distilled backbone (FLUX.1-dev) when the caller passes none; the same
+# default as FluxPipeline's guidance_scale and diffusers' FLUX LoRA training scripts.
+DEFAULT_GUIDANCE = 3.5
+
+
+@dataclass
+class MppOutput:
+    velocity: Tensor  # B×C×h×w predicted flow (noise − x0)
+    alpha: Tensor  # B×N in (0, 1), padding entries 0
+    feedback_magnitude: Tensor | None  # mean ‖bridge output‖ / mean ‖instance token‖, None without bridges/instances
+
+
+def _check_blocks(name: str, blocks, count: int) -> list[int]:
+    out = sorted({int(i) for i in blocks})
+    bad = [i for i in out if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"{name} has indices {bad} outside the backbone's {count} blocks")
+    return out
+
+
+class MppFlux(nn.Module):
+    def __init__(
+        self,
+        backbone: FluxTransformer2DModel,
+        *,
+        clip_dim: int,
+        dino_dim: int,
+        text_dim: int,
+        layout_double_blocks: list[int] | None = None,
+        layout_single_blocks: list[int] | None = None,
+        lora_rank: int = 128,
+        lora_alpha: float | None = None,
+        lora_scope: str = "layout",
+        identity_dim: int = 256,
+        modulation_rank: int = 8,
+        fourier_freqs: int = 8,
+        modality_dropout: float = 0.1,
+        use_layout_head: bool = True,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        check_scope(lora_scope)
+        if lora_scope == "layout" and not use_layout_head and lora_rank > 0:
+            raise ValueError(
+                "lora_scope='layout' puts LoRA only inside the Assemble-Attn branch, which use_layout_head=False "
+                "removes; use lora_scope='all' or lora_rank=0"
+            )
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        cfg = backbone.config
+        n_double, n_single = cfg.num_layers, cfg.num_single_layers
+        if layout_double_blocks is None:
+            layout_double_blocks = list(range(0, n_double, 3))
+        if layout_single_blocks is None:
+            layout_single_blocks = [0] if n_single > 0 else []
+        self.layout_double_blocks = _check_blocks("layout_double_blocks", layout_double_blocks, n_double)
+        self.layout_single_blocks = _check_blocks("layout_single_blocks", layout_single_blocks, n_single)
+        self._double_slot = {i: j for j, i in enumerate(self.layout_double_blocks)}
+        off = len(self.layout_double_blocks)
+        self._single_slot = {i: off + j for j, i in enumerate(self.layout_single_blocks)}
+        num_layout = off + len(self.layout_single_blocks)
+
+        self.lora_scope = lora_scope
+        self.lora_rank = lora_rank
+        self.use_layout_head = use_layout_head
+        self.gradient_checkpointing = gradient_checkpointing
+        inner = backbone.inner_dim
+        self.inner_dim = inner
+
+        self.backbone = backbone
+        backbone.requires_grad_(False)
+
+        self.null_embeddings = NullEmbeddings(clip_dim, dino_dim, text_dim, modality_dropout)
+        self.alpha_predictor = AlphaPredictor(clip_dim, dino_dim)
+        self.instance_encoder = (
+            InstanceEncoder(clip_dim, dino_dim, text_dim, inner, fourier_freqs) if use_layout_head else None
+        )
+        self.layout_proj = nn.ModuleList(zero_linear(inner, inner) for _ in range(num_layout if use_layout_head else 0))
+        chunks = [6] * len(self.layout_double_blocks) + [3] * len(self.layout_single_blocks)
+        self.modulation = ModulationHead(clip_dim, dino_dim, identity_dim, inner, modulation_rank, chunks)
+        self.feedback = FeedbackBridge(inner, identity_dim, max(num_layout - 1, 0), with_token=use_layout_head)
+
+        if lora_rank > 0:
+            if lora_scope == "all":
+                targets = lora_target_modules(range(n_double), range(n_single))
+            else:
+                targets = lora_target_modules(self.layout_double_blocks, self.layout_single_blocks)
+            if targets:
+                add_lora(backbone, targets, lora_rank, lora_alpha)
+        for p in lora_parameters(backbone):
+            # trainable adapter weights stay float32 beside a bf16/fp16 backbone (as diffusers' LoRA scripts
+            # do); peft casts the input to the adapter's dtype and the result back
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ groups
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        enc = list(self.null_embeddings.parameters())
+        if self.instance_encoder is not None:
+            enc += list(self.instance_encoder.parameters())
+        return {
+            "alpha": list(self.alpha_predictor.parameters()),
+            "instance_encoder": enc,
+            "layout": list(self.layout_proj.parameters()),
+            "lora": lora_parameters(self.backbone),
+            "modulation": list(self.modulation.parameters()),
+            "feedback": list(self.feedback.parameters()),
+        }
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """The peft adapter weights (``get_peft_model_state_dict``), keys relative to the transformer."""
+        if self.lora_rank == 0:
+            return {}
+        return lora_state_dict(self.backbone)
+
+    @property
+    def layout_blocks(self) -> list[tuple[str, int]]:
+        return [("double", i) for i in self.layout_double_blocks] + [("single", i) for i in self.layout_single_blocks]
+
+    # ------------------------------------------------------------------ forward
+    def _maybe_checkpoint(self, fn, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _layout_step(self, kind: str, block: nn.Module, slot: int, img, txt, temb, rope,
+                     layout: InstanceLayout, inst, code, alpha):
+        offsets = assemble = None
+        if layout.num_pairs > 0:
+            offsets = spread_instances(self.modulation.offsets(slot, code), layout, alpha).to(img.dtype)
+            if self.use_layout_head:
+                assemble = AssembleInput(layout, inst, self.layout_proj[slot])
+        forward = double_block_forward if kind == "double" else single_block_forward
+        txt, img, new_inst = forward(
+            block, img, txt, temb, rope,
+            lora_in_base=self.lora_scope == "all", img_offsets=offsets, assemble=assemble,
+        )
+        if new_inst is not None:
+            inst = new_inst
+        stats = None
+        if layout.num_pairs > 0 and slot < len(self.feedback):
+            fb_tok, fb_code = self.feedback(slot, box_mean(img, layout))
+            if inst is not None:
+                stats = torch.stack([fb_tok.float().norm(dim=-1).mean(), inst.float().norm(dim=-1).mean()])
+                inst = inst + fb_tok.to(inst.dtype)
+            else:
+                stats = torch.stack([fb_code.float().norm(dim=-1).mean(), code.float().norm(dim=-1).mean()])
+            code = code + fb_code.to(code.dtype)
+        return txt, img, inst, code, stats
+
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        prompt_embeds: Tensor,
+        pooled_prompt_embeds: Tensor,
+        boxes: Tensor,
+        instance_mask: Tensor,
+        instance_text: Tensor,
+        clip_embeds: Tensor,
+        dino_embeds: Tensor,
+        guidance: Tensor | None = None,
+    ) -> MppOutput:
+        bb = self.backbone
+        b, _, h, w = latents.shape
+        gh, gw = h // 2, w // 2
+        device = latents.device
+        wdtype = bb.x_embedder.weight.dtype
+
+        img = bb.x_embedder(pack_latents(latents).to(wdtype))
+        timesteps = torch.as_tensor(timesteps, device=device)
+        t = (timesteps.expand(b) if timesteps.ndim == 0 else timesteps).to(img.dtype) * 1000
+        pooled = pooled_prompt_embeds.to(wdtype)
+        if bb.config.guidance_embeds:
+            if guidance is None:
+                guidance = torch.full((b,), DEFAULT_GUIDANCE, device=device)
+            guidance = torch.as_tensor(guidance, device=device)
+            guidance = guidance.expand(b) if guidance.ndim == 0 else guidance
+            temb = bb.time_text_embed(t, guidance.to(img.dtype) * 1000, pooled)
+        else:
+            temb = bb.time_text_embed(t, pooled)
+        txt = bb.context_embedder(prompt_embeds.to(wdtype))
+        ids = torch.cat([text_ids(txt.shape[1], device=device), image_ids(gh, gw, device=device)], dim=0)
+        rope = bb.pos_embed(ids)
+
+        # ---- instances: only the P valid (batch, instance) pairs ever enter the heads
+        n = boxes.shape[1]
+        mask = instance_mask.bool()
+        layout = build_layout(boxes.float(), mask, gh, gw)
+        alpha_out = torch.zeros(b, n, device=device)
+        inst = code = alpha = None
+        if layout.num_pairs > 0:
+            pb, pk = layout.pair_b, layout.pair_k
+            hdtype = self.alpha_predictor.mlp[0].weight.dtype
+            clip_p, dino_p, text_p = self.null_embeddings(
+                clip_embeds[pb, pk].to(hdtype), dino_embeds[pb, pk].to(hdtype), instance_text[pb, pk].to(hdtype)
+            )
+            box_p = boxes[pb, pk].to(hdtype)
+            alpha = self.alpha_predictor(clip_p, dino_p, box_p)
+            alpha_out = alpha_out.to(alpha.dtype).index_put((pb, pk), alpha)
+            if self.instance_encoder is not None:
+                inst = self.instance_encoder(box_p, text_p, clip_p, dino_p, alpha).to(img.dtype)
+            code = self.modulation.identity_code(dino_p, clip_p)
+
+        stats = []
+        for i, block in enumerate(bb.transformer_blocks):
+            slot = self._double_slot.get(i)
+            if slot is None:
+                txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
+            else:
+                txt, img, inst, code, s = self._maybe_checkpoint(
+                    self._layout_step, "double", block, slot, img, txt, temb, rope, layout, inst, code, alpha
+                )
+                if s is not None:
+                    stats.append(s)
+        for i, block in enumerate(bb.single_transformer_blocks):
+            slot = self._single_slot.get(i)
+            if slot is None:
+                txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
+            else:
+                txt, img, inst, code, s = self._maybe_checkpoint(
+                    self._layout_step, "single", block, slot, img, txt, temb, rope, layout, inst, code, alpha
+                )
+                if s is not None:
+                    stats.append(s)
+
+        img = bb.norm_out(img, temb)
+        velocity = unpack_latents(bb.proj_out(img), h, w)
+        magnitude = None
+        if stats:
+            s = torch.stack(stats).mean(0)
+            magnitude = s[0] / s[1].clamp_min(1e-12)
+        return MppOutput(velocity=velocity, alpha=alpha_out, feedback_magnitude=magnitude)
+
+
+def set_trainable(model: MppFlux, groups: Iterable[str]) -> None:
+    """requires_grad True for exactly the parameters of ``groups``, False for everything else."""
+    groups = list(groups)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown parameter group(s) {unknown}; known groups: {list(GROUPS)}")
+    model.requires_grad_(False)
+    param_groups = model.parameter_groups()
+    for g in groups:
+        for p in param_groups[g]:
+            p.requires_grad_(True)

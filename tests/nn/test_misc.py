@@ -1,0 +1,74 @@
+"""Validation messages, packing, LoRA helpers and the adapter state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from nn_helpers import DIMS
+
+from mpp.nn import MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
+from mpp.nn.lora import base_linear, lora_delta
+
+
+def test_lora_scope_validation_names_the_argument(tiny_config):
+    with pytest.raises(ValueError, match="lora_scope"):
+        MppFlux(build_backbone(config=tiny_config), **DIMS, lora_scope="everywhere")
+    with pytest.raises(ValueError, match="lora_scope"):
+        MppFlux(build_backbone(config=tiny_config), **DIMS, lora_scope="layout", use_layout_head=False)
+
+
+def test_layout_block_validation(tiny_config):
+    with pytest.raises(ValueError, match="layout_double_blocks"):
+        MppFlux(build_backbone(config=tiny_config), **DIMS, layout_double_blocks=[0, 9])
+
+
+def test_packing_matches_diffusers():
+    lat = torch.randn(2, 16, 6, 10)
+    packed = pack_latents(lat)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(lat, 2, 16, 6, 10), rtol=0, atol=0)
+    assert torch.equal(unpack_latents(packed, 6, 10), lat)
+    ref_ids = FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
+    assert torch.equal(image_ids(3, 5), ref_ids)
+
+
+def test_lora_helpers_and_state_dict(make_model):
+    model, _ = make_model(lora_scope="all")
+    mod = model.backbone.transformer_blocks[0].attn.to_q
+    with torch.no_grad():
+        mod.lora_B["mpp"].weight.normal_()
+        x = torch.randn(3, model.inner_dim)
+        torch.testing.assert_close(base_linear(mod, x) + lora_delta(mod, x), mod(x))
+    sd = model.lora_state_dict()
+    assert sd and all(".lora_A." in k or ".lora_B." in k for k in sd)
+    assert "transformer_blocks.0.attn.to_q.lora_B.weight" in sd
+    assert len(sd) == 2 * (4 * 8 + 2 * 3)  # scope "all": every block of the tiny config
+
+
+def test_scope_layout_only_adapts_layout_blocks(make_model):
+    model, _ = make_model()
+    sd = model.lora_state_dict()
+    blocks = {".".join(k.split(".")[:2]) for k in sd}
+    assert blocks == {"transformer_blocks.0", "transformer_blocks.3", "single_transformer_blocks.0"}
+
+
+def test_no_layout_head_variant_runs(make_model):
+    from nn_helpers import make_inputs
+
+    model, _ = make_model(use_layout_head=False, lora_scope="all")
+    assert model.parameter_groups()["layout"] == []
+    out = model(**make_inputs(n=2))
+    assert out.velocity.shape == (2, 16, 12, 16)
+
+
+def test_bf16_backbone_with_fp32_heads(tiny_config):
+    from nn_helpers import make_inputs, randomize
+
+    torch.manual_seed(0)
+    model = MppFlux(build_backbone(config=tiny_config, torch_dtype=torch.bfloat16), **DIMS, lora_rank=4)
+    randomize(model)
+    assert all(p.dtype == torch.float32 for p in model.parameter_groups()["lora"])
+    out = model(**make_inputs(n=3))
+    assert out.velocity.dtype == torch.bfloat16 and out.alpha.dtype == torch.float32
+    out.velocity.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameter_groups()["lora"])
