@@ -30,7 +30,7 @@ def bare_read(root: str, records: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--root", default=".cache/bench/toy_data")
-    p.add_argument("--models", default=".cache/toy/models")
+    p.add_argument("--models", default=".cache/bench/toy_models")
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=8)
@@ -39,7 +39,7 @@ def main() -> None:
 
     dm = MppDataModule(a.root, encoders=toy_encoder_settings(a.models), resolution=128, batch_size=a.batch_size,
                        num_workers=a.num_workers, pin_memory=False, val_fraction=0.01,
-                       toy=ToyData(models_dir=a.models, num_samples=a.samples, image_size=128))
+                       toy=ToyData(models_dir=a.models, num_samples=a.samples, image_size=128, pretrain_steps=0))
     dm.prepare_data()
     dm.setup("fit")
     records = read_manifest(os.path.join(a.root, "manifest.jsonl"))

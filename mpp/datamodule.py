@@ -28,12 +28,15 @@ class ToyData:
         num_samples: scenes to generate.
         seed: world seed (same seed, same dataset bit for bit).
         image_size: side of the square toy images.
+        pretrain_steps: text-to-image pretraining of the toy backbone (it stands in for FLUX's
+            pretraining; 0 leaves it random).
     """
 
     models_dir: str = ".cache/toy/models"
     num_samples: int = 512
     seed: int = 0
     image_size: int = 128
+    pretrain_steps: int = 300
 
 
 def is_validation(sample_id: str, fraction: float) -> bool:
@@ -94,7 +97,7 @@ class MppDataModule(L.LightningDataModule):
 
         t = self.toy
         result = prepare_toy(self.root, models_dir=t.models_dir, num_samples=t.num_samples, seed=t.seed,
-                             image_size=t.image_size, encoders=self.encoders)
+                             image_size=t.image_size, pretrain_steps=t.pretrain_steps, encoders=self.encoders)
         if result.errors:
             raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")
 

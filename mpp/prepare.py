@@ -225,14 +225,15 @@ def toy_encoder_settings(models_dir: str) -> EncoderSettings:
 
 
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
-                encoders: EncoderSettings | None = None, num_shards: int = 1, shard_index: int = 0,
-                progress: bool = True) -> PrepareResult:
-    """Builds the toy models (cached) and a toy dataset: raw scenes under output/source, prepared beside them."""
+                pretrain_steps: int = 300, encoders: EncoderSettings | None = None, num_shards: int = 1,
+                shard_index: int = 0, progress: bool = True) -> PrepareResult:
+    """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
+    `pretrain_steps`) and a toy dataset: raw scenes under output/source, prepared beside them."""
     from mpp.toy.models import build_toy_models
     from mpp.toy.scenes import ToyWorld
 
     world = ToyWorld(image_size=image_size, seed=seed)
-    build_toy_models(models_dir, world=world)
+    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps)
     source = os.path.join(output, "source")
     marker = os.path.join(source, "toy.json")
     wanted = {"num_samples": num_samples, "seed": seed, "image_size": image_size}

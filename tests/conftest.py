@@ -1,10 +1,18 @@
 import os
 
 import pytest
+import torch
 
 from mpp.prepare import prepare_dataset, toy_encoder_settings
 
 TOY_SIZE = 128
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models are bound by per-op overhead: one intra-op thread is faster on a small machine
+    and immune to oversubscription when something else runs beside the tests."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

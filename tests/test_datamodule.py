@@ -157,7 +157,7 @@ def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
     from mpp.prepare import toy_encoder_settings
 
     dm = MppDataModule(str(tmp_path / "toy"), encoders=toy_encoder_settings(toy_models), resolution=TOY_SIZE,
-                       toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE), num_workers=0,
+                       toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE, pretrain_steps=0), num_workers=0,
                        val_fraction=0.3)
     dm.prepare_data()
     dm.setup("fit")

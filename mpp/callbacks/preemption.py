@@ -3,13 +3,17 @@ import os
 import signal
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM or SIGUSR1 (a scheduler's preemption notice), saves `preempted.ckpt` at the next
-    optimizer-step boundary and stops the run, so `--ckpt_path` resumes it exactly.
+    """Saves `preempted.ckpt` when the run is told to stop, so `--ckpt_path` picks it up:
+
+    - SIGTERM (Lightning notices it and aborts after the current batch): saved at the end of that batch;
+    - SIGUSR1 (a scheduler's advance notice): saved at the next optimizer-step boundary, then the run
+      stops cleanly. Under SLURM with auto-requeue, Lightning's own SIGUSR1 handling is left in place.
 
     Args:
         dirpath: folder of the checkpoint.
@@ -17,24 +21,24 @@ class PreemptionCheckpoint(L.Callback):
 
     def __init__(self, dirpath: str):
         self.dirpath = dirpath
-        self._signalled = False
+        self._notice = False
         self._last_step = -1
 
-    def _handler(self, signum, frame) -> None:
+    def _on_notice(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing at the next optimizer step", signum)
-        self._signalled = True
+        self._notice = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
+        env = trainer._accelerator_connector.cluster_environment
+        if stage == "fit" and not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
+            signal.signal(signal.SIGUSR1, self._on_notice)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         stepped = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
-        if self._signalled and stepped:
+        if trainer.received_sigterm or (self._notice and stepped):
             path = os.path.join(self.dirpath, "preempted.ckpt")
             trainer.save_checkpoint(path)
             log.warning("saved %s at step %d; stopping", path, trainer.global_step)
             trainer.should_stop = True
-            self._signalled = False
+            self._notice = False

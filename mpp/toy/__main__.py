@@ -1,5 +1,6 @@
 """``python -m mpp.toy raw ROOT --num N`` writes toy scenes in the raw format;
-``python -m mpp.toy models CACHE_DIR`` builds (or reuses) the toy model bundle."""
+``python -m mpp.toy models CACHE_DIR [--pretrain-steps N]`` builds (or reuses) the toy model bundle,
+with its backbone pretrained on toy scenes for N steps (0: random init)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def main(argv=None) -> None:
     models.add_argument("--seed", type=int, default=0)
     models.add_argument("--fit-samples", type=int, default=256)
     models.add_argument("--overwrite", action="store_true")
+    models.add_argument("--pretrain-steps", type=int, default=None,
+                        help="text-to-image pretraining steps of the toy backbone "
+                             "(default: mpp.toy.pretrain.DEFAULT_PRETRAIN_STEPS; 0 keeps it random)")
     args = parser.parse_args(argv)
 
     from .scenes import ToyWorld
@@ -29,10 +33,16 @@ def main(argv=None) -> None:
         ids = ToyWorld(seed=args.seed).write_raw(args.root, args.num, start=args.start)
         print(f"wrote {len(ids)} scenes to {args.root} in {time.perf_counter() - start:.1f}s")
     else:
-        from .models import build_toy_models
+        import logging
 
+        from .models import build_toy_models
+        from .pretrain import DEFAULT_PRETRAIN_STEPS
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        steps = DEFAULT_PRETRAIN_STEPS if args.pretrain_steps is None else args.pretrain_steps
         path = build_toy_models(
-            args.cache_dir, seed=args.seed, fit_samples=args.fit_samples, overwrite=args.overwrite
+            args.cache_dir, seed=args.seed, fit_samples=args.fit_samples, overwrite=args.overwrite,
+            pretrain_steps=steps,
         )
         print(f"toy models ready at {path} ({time.perf_counter() - start:.1f}s)")
 

@@ -8,8 +8,10 @@ encoders mpp uses, every part loadable with the real ``from_pretrained``::
     text_encoder_2/  T5EncoderModel         tokenizer_2/  same tokenizer
     image_encoder/   CLIPVisionModelWithProjection (+ preprocessor_config.json)
     dino/            Dinov2Model (+ preprocessor_config.json)
-    transformer/     FluxTransformer2DModel(**toy_flux_config())
-    mpp_toy.json     marker: format version, seed, world parameters
+    transformer/     FluxTransformer2DModel(**toy_flux_config()), random init, or pretrained as a
+                     text-to-image flow model on toy scenes when pretrain_steps > 0 (mpp.toy.pretrain)
+    pretrain.json    steps and held-out loss before/after (only when pretrained)
+    mpp_toy.json     marker: format version, seed, world parameters, pretraining budget
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ __all__ = [
     "FORMAT_VERSION",
     "FIT_INDEX_OFFSET",
     "MAX_LENGTH",
+    "PRETRAIN_BATCH_SIZE",
+    "PRETRAIN_LR",
+    "PRETRAIN_SCENES",
 ]
 
 FORMAT_VERSION = 1
@@ -50,6 +55,10 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 ENCODER_IMAGE_SIZE = 32
+# backbone pretraining settings used by build_toy_models (recorded in the marker when pretraining)
+PRETRAIN_BATCH_SIZE = 32
+PRETRAIN_LR = 1e-3
+PRETRAIN_SCENES = 2048
 
 
 def toy_flux_config() -> dict:
@@ -231,14 +240,27 @@ def _build(out: Path, world: ToyWorld, seed: int, fit_samples: int) -> None:
     FluxTransformer2DModel(**toy_flux_config()).save_pretrained(out / "transformer")
 
 
-def _marker(world: ToyWorld, seed: int, fit_samples: int) -> dict:
-    return {
+def _pretrain(out: Path, world: ToyWorld, seed: int, steps: int) -> None:
+    from .pretrain import pretrain_toy_backbone
+
+    result = pretrain_toy_backbone(out, world=world, steps=steps, batch_size=PRETRAIN_BATCH_SIZE, lr=PRETRAIN_LR,
+                                   seed=seed, num_scenes=PRETRAIN_SCENES)
+    # no wall time here: the bundle's files stay a pure function of its parameters
+    _write_json(out / "pretrain.json", {k: result[k] for k in ("steps", "initial_loss", "final_loss")})
+
+
+def _marker(world: ToyWorld, seed: int, fit_samples: int, pretrain_steps: int = 0) -> dict:
+    marker = {
         "format_version": FORMAT_VERSION,
         "seed": int(seed),
         "fit_samples": int(fit_samples),
         "world": world.config,
         "flux": toy_flux_config(),
+        "pretrain_steps": int(pretrain_steps),
     }
+    if pretrain_steps:
+        marker["pretrain"] = {"batch_size": PRETRAIN_BATCH_SIZE, "lr": PRETRAIN_LR, "num_scenes": PRETRAIN_SCENES}
+    return marker
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -255,6 +277,7 @@ def build_toy_models(
     seed: int = 0,
     fit_samples: int = 256,
     overwrite: bool = False,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Build (or reuse) the toy bundle in ``cache_dir`` and return its path.
 
@@ -262,10 +285,17 @@ def build_toy_models(
     ``overwrite``). The bundle is written to a temporary sibling folder and renamed into place, so
     an interrupted build never leaves a half bundle; concurrent builders (e.g. DDP ranks) are safe:
     the first complete bundle wins and the others discard theirs.
+
+    ``pretrain_steps > 0`` trains the random toy transformer as a text-to-image flow model on toy
+    scenes (:func:`mpp.toy.pretrain.pretrain_toy_backbone`) inside the temporary folder, before the
+    rename; ``mpp.toy.pretrain.DEFAULT_PRETRAIN_STEPS`` is the budget for real use. Part of the
+    marker, so a different value rebuilds.
     """
+    if pretrain_steps < 0:
+        raise ValueError(f"pretrain_steps must be >= 0, got {pretrain_steps}")
     cache_dir = Path(cache_dir).expanduser().absolute()
     world = world if world is not None else ToyWorld(seed=seed)
-    marker = _marker(world, seed, fit_samples)
+    marker = _marker(world, seed, fit_samples, pretrain_steps)
     if not overwrite and _read_marker(cache_dir) == marker:
         return cache_dir
 
@@ -277,6 +307,8 @@ def build_toy_models(
     hf_logging.disable_progress_bar()  # "Writing model shards" bars, once per model
     try:
         _build(tmp, world, seed, fit_samples)
+        if pretrain_steps:
+            _pretrain(tmp, world, seed, pretrain_steps)
         _write_json(tmp / MARKER_NAME, marker)  # last: a bundle with a marker is complete
         if cache_dir.exists():
             if not overwrite and _read_marker(cache_dir) == marker:

@@ -1,0 +1,44 @@
+"""Test-only callbacks, referenced by class path from tests/conf/*.yaml."""
+
+import json
+import os
+
+import lightning as L
+
+
+class Recorder(L.Callback):
+    """Records each training batch's loss and sample ids; writes them per rank at the end."""
+
+    def __init__(self, out_dir: str | None = None):
+        self.out_dir = out_dir
+        self.losses: list[float] = []
+        self.ids: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.ids.extend(batch["ids"])
+
+    def on_train_end(self, trainer, pl_module):
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+                json.dump({"losses": self.losses, "ids": self.ids}, f)
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signum` as training batch number `batch` starts, as a scheduler would."""
+
+    def __init__(self, batch: int = 5, signum: int = 15):
+        self.batch, self.signum, self.seen = batch, signum, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+class RankRecorder(Recorder):
+    """A Recorder writing to $MPP_RECORD_DIR (set by a test that launches processes)."""
+
+    def __init__(self):
+        super().__init__(out_dir=os.environ["MPP_RECORD_DIR"])

@@ -1,0 +1,226 @@
+"""Training through the real CLI on the toy world: logging, checkpoints, exact resume, stages."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mpp.cli import MppCLI, main
+from mpp.datamodule import MppDataModule
+from mpp.lit_module import MppModule
+from mpp.nn.model import STAGE_GROUPS
+from mpp.prepare import toy_encoder_settings
+from tests.helpers import Recorder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fit_args(stage, toy_models, toy_prepared, *extra, overlays=("tests/conf/fast.yaml",)):
+    enc = toy_encoder_settings(toy_models)
+    configs = [f"configs/stage{stage}.yaml", "configs/toy.yaml", *overlays]
+    return ["fit", *[a for c in configs for a in ("--config", os.path.join(ROOT, c))],
+            f"--model.backbone={toy_models}", f"--data.root={toy_prepared}", f"--data.encoders.flux={enc.flux}",
+            f"--data.encoders.clip_vision={enc.clip_vision}", f"--data.encoders.dino={enc.dino}", *extra]
+
+
+def recorder(cli) -> Recorder:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, Recorder))
+
+
+def scalars(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _strategy_from(path):
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    cfg = parser.parse_object({"strategy": yaml.safe_load(open(path))["trainer"]["strategy"]})
+    return parser.instantiate_classes(cfg).strategy
+
+
+def test_every_config_parses_and_instantiates(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+    assert len(shipped) == 5
+    for path in shipped:
+        if path.endswith("fsdp.yaml"):  # Lightning's Trainer refuses FSDP without a GPU: build the strategy alone
+            strategy = _strategy_from(path)
+            assert isinstance(strategy, FSDPStrategy)
+            assert {c.__name__ for c in strategy.kwargs["auto_wrap_policy"]._module_classes} == {
+                "FluxTransformerBlock", "FluxSingleTransformerBlock"}
+            continue
+        configs = [path] if os.path.basename(path).startswith("stage") else [os.path.join(ROOT, "configs/stage1.yaml"), path]
+        cli = MppCLI(MppModule, MppDataModule, run=False,
+                     args=[a for c in configs for a in ("--config", c)])
+        assert isinstance(cli.model, MppModule) and isinstance(cli.datamodule, MppDataModule)
+        if path.endswith("toy.yaml"):
+            assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+        else:
+            stage = int(re.search(r"stage(\d)", path).group(1))
+            assert cli.model.stage == stage and isinstance(cli.trainer.strategy, DDPStrategy)
+            assert cli.trainer.max_steps == {1: 70_000, 2: 150_000, 3: 10_000}[stage]
+            assert cli.model.hparams.lr == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
+            assert cli.model.loss_cfg.dino_identity_weight == {1: 0, 2: 10, 3: 10}[stage]
+            assert cli.datamodule.batch_size == 2 and cli.trainer.accumulate_grad_batches == 4
+
+
+def test_fit_logs_scalars_and_images_and_checkpoints_only_mpp_weights(in_tmp, toy_models, toy_prepared):
+    cli = main(fit_args(1, toy_models, toy_prepared))
+    (log_dir,) = glob.glob(str(in_tmp / "runs/logs/*"))
+    assert re.fullmatch(r"stage1_\d{8}-\d{6}", os.path.basename(log_dir))
+    acc = scalars(log_dir)
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("loss/flow_matching", "loss/reconstruction", "loss/total", "metrics/alpha_mean",
+                "metrics/alpha_fg_ratio", "metrics/feedback_magnitude", "train/grad_norm", "train/samples_per_s",
+                "val/loss"):
+        assert tag in tags, tag
+    assert any(t.startswith("lr-") for t in tags)
+    images = acc.Images("images/truth_vs_generated")
+    assert [e.step for e in images] == [0, 2, 4]
+
+    ckpt = torch.load(in_tmp / "runs/checkpoints/stage1/step=0000004.ckpt", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    assert keys == cli.model.owned_keys()
+    assert not [k for k in keys if k.startswith("model.backbone.") and ".lora_" not in k]
+    trainable = cli.model.trainable_keys()
+    assert trainable and trainable <= keys
+    assert ckpt["mpp"]["stage"] == 1 and ckpt["mpp"]["log_version"] == os.path.basename(log_dir)
+
+
+def test_missing_trainable_weight_is_reported(in_tmp, toy_models, toy_prepared):
+    main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1"))
+    path = in_tmp / "runs/checkpoints/stage1/step=0000001.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    dropped = sorted(ckpt["state_dict"])[0]
+    del ckpt["state_dict"][dropped]
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=re.escape(dropped)):
+        main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2", f"--ckpt_path={path}"))
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])  # mid-epoch, and the end of epoch 0 (9 batches, accumulation 2)
+def test_exact_resume(tmp_path, monkeypatch, toy_models, toy_prepared, stop_at):
+    (tmp_path / "full").mkdir(), (tmp_path / "half").mkdir()
+    monkeypatch.chdir(tmp_path / "full")
+    full = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=8"))
+    monkeypatch.chdir(tmp_path / "half")
+    first = main(fit_args(1, toy_models, toy_prepared, f"--trainer.max_steps={stop_at}"))
+    ckpt = tmp_path / f"half/runs/checkpoints/stage1/step={stop_at:07d}.ckpt"
+    resumed = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=8", f"--ckpt_path={ckpt}"))
+
+    assert len(recorder(full).losses) > 9  # across the epoch boundary
+    assert recorder(first).ids + recorder(resumed).ids == recorder(full).ids
+    assert recorder(first).losses + recorder(resumed).losses == recorder(full).losses
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in full.model.trainable_keys():
+        assert torch.equal(a[k], b[k]), k
+    # the resumed run continued the same TensorBoard folder
+    assert len(glob.glob(str(tmp_path / "half/runs/logs/*"))) == 1
+
+
+def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeypatch, toy_models, toy_prepared):
+    prev_ckpt, prev_state = None, None
+    for stage in (1, 2, 3):
+        (tmp_path / f"s{stage}").mkdir()
+        monkeypatch.chdir(tmp_path / f"s{stage}")
+        extra = [f"--ckpt_path={prev_ckpt}"] if prev_ckpt else []
+        # every sample below the identity loss's t threshold, so stages 2-3 compute it at every step
+        cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2",
+                            "--model.loss.dino_t_threshold=1.0", *extra))
+        model = cli.model
+        groups = model.model.parameter_groups()
+        expected = {id(p) for g in STAGE_GROUPS[stage] for p in groups[g]}
+        assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+        assert cli.trainer.global_step == 2  # started at step 0
+        assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
+        assert model.hparams.lr == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if prev_state is not None:
+            # weights the previous stage trained and this one freezes were carried over unchanged
+            frozen_now = set(prev_state) & (model.owned_keys() - model.trainable_keys())
+            assert frozen_now
+            for k in frozen_now:
+                assert torch.equal(state[k], prev_state[k]), k
+        (log_dir,) = glob.glob("runs/logs/*")
+        tags = set(scalars(log_dir).Tags()["scalars"])
+        assert ("loss/dino_identity" in tags) == (stage >= 2)
+        if stage >= 2:
+            assert "metrics/dino_similarity_mean" in tags
+        prev_ckpt = str(tmp_path / f"s{stage}/runs/checkpoints/stage1/step=0000002.ckpt")
+        prev_state = {k: v for k, v in state.items() if k in torch.load(prev_ckpt, weights_only=False)["state_dict"]}
+
+
+def test_checkpoint_of_a_non_adjacent_stage_is_refused(in_tmp, toy_models, toy_prepared):
+    main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1"))
+    ckpt = in_tmp / "runs/checkpoints/stage1/step=0000001.ckpt"
+    with pytest.raises(ValueError, match="stage-1 checkpoint; stage 3 resumes from stage 3 or starts from stage 2"):
+        main(fit_args(3, toy_models, toy_prepared, f"--ckpt_path={ckpt}"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_saves_a_checkpoint_and_stops(in_tmp, toy_models, toy_prepared, signum):
+    args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=50", f"--trainer.callbacks.signum={int(signum)}",
+                    overlays=("tests/conf/fast.yaml", "tests/conf/preempt.yaml"))
+    if signum == signal.SIGTERM:  # Lightning aborts the run after the batch that saw SIGTERM
+        with pytest.raises(SIGTERMException):
+            main(args)
+        step = 2  # saved at the end of batch 5, mid-accumulation (2 batches a step)
+    else:  # the advance notice lets the run finish its optimizer step and stop cleanly
+        cli = main(args)
+        step = cli.trainer.global_step
+        assert step == 3
+    ckpt = torch.load(in_tmp / "runs/checkpoints/stage1/preempted.ckpt", weights_only=False)
+    assert ckpt["global_step"] == step
+
+
+def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2",
+                        overlays=("tests/conf/fast.yaml", "tests/conf/export.yaml")))
+    export = in_tmp / "runs/export/stage1"
+    fresh = FluxTransformer2DModel.from_pretrained(toy_models, subfolder="transformer")
+    fresh.load_lora_adapter(str(export / "lora.safetensors"), prefix="transformer", adapter_name="mpp")
+    ours = cli.model.model.lora_state_dict()
+    loaded = {n: p for n, p in fresh.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(ours) > 0
+    for name, value in ours.items():
+        match = [p for n, p in loaded.items() if n.replace(".mpp", "") == name]
+        assert len(match) == 1 and torch.equal(match[0], value), name
+    heads = load_file(export / "heads.safetensors")
+    assert heads and all(not k.startswith("backbone.") for k in heads)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_see_different_samples(in_tmp, toy_models, toy_prepared):
+    out = in_tmp / "ranks"
+    args = fit_args(1, toy_models, toy_prepared, "--trainer.strategy=ddp", "--trainer.devices=2",
+                    "--trainer.max_steps=3", overlays=("tests/conf/fast.yaml", "tests/conf/ranks.yaml"))
+    env = {**os.environ, "MPP_RECORD_DIR": str(out), "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], check=True, env=env, timeout=600)
+    r0, r1 = (json.load(open(out / f"rank{r}.json")) for r in (0, 1))
+    assert r0["ids"] and r1["ids"] and not set(r0["ids"]) & set(r1["ids"])
