@@ -219,8 +219,11 @@ def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
 def test_ddp_two_processes_see_different_samples(in_tmp, toy_models, toy_prepared):
     out = in_tmp / "ranks"
     args = fit_args(1, toy_models, toy_prepared, "--trainer.strategy=ddp", "--trainer.devices=2",
-                    "--trainer.max_steps=3", overlays=("tests/conf/fast.yaml", "tests/conf/ranks.yaml"))
+                    "--trainer.max_steps=2", overlays=("tests/conf/fast.yaml", "tests/conf/ranks.yaml"))
     env = {**os.environ, "MPP_RECORD_DIR": str(out), "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], check=True, env=env, timeout=600)
     r0, r1 = (json.load(open(out / f"rank{r}.json")) for r in (0, 1))
-    assert r0["ids"] and r1["ids"] and not set(r0["ids"]) & set(r1["ids"])
+    # one epoch: 19 training samples → 9 per rank → 4 batches of 2 → 2 steps at accumulation 2
+    assert len(r0["ids"]) == len(r1["ids"]) == 8
+    assert not set(r0["ids"]) & set(r1["ids"])
+    assert all(len(r["losses"]) == 4 for r in (r0, r1))

@@ -57,18 +57,20 @@ class ImageLogger(L.Callback):
             return
         trainer.logger.experiment.add_image("images/truth_vs_generated", to_chw(grid(rows)), trainer.global_step)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps == 0:  # the untrained baseline, step 0
+            self._maybe_log(trainer, pl_module)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
-        if step % self.every_n_steps == 0:
+        if trainer.global_step % self.every_n_steps == 0:
             self._maybe_log(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step % self.every_n_steps:
-            self._maybe_log(trainer, pl_module)
+        self._maybe_log(trainer, pl_module)
 
     def _maybe_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self._last_step:  # once per optimizer step
+            return
+        self._last_step = trainer.global_step
         if trainer.logger is not None and (trainer.is_global_zero or isinstance(trainer.strategy, FSDPStrategy)):
             self.log_images(trainer, pl_module)
