@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mpp.data.dataset import PreparedDataset, collate
+from mpp.data.dataset import PreparedDataset, packed_collate, unpack
 from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
 from mpp.data.sampler import ResumableShardSampler
 from mpp.encoders import EncoderSettings
@@ -121,7 +121,7 @@ class MppDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _loader(self, dataset, sampler, **kw) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=packed_collate,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0, **kw)
 
@@ -143,6 +143,7 @@ class MppDataModule(L.LightningDataModule):
         return self._loader(PreparedDataset(self.root, self.val_records), sampler)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch = unpack(batch)
         if self.trainer is not None and self.trainer.training:
             epoch = self.trainer.current_epoch
             if epoch != self._epoch:

@@ -175,3 +175,19 @@ def test_skip_applies_only_to_the_interrupted_epoch():
     s.skip(20, epoch=2)  # the interrupted epoch had ended: Lightning moves on to the next one
     s.set_epoch(3)
     assert len(list(s)) == 20
+
+
+def test_pack_round_trips_a_batch(toy_prepared, toy_settings):
+    from mpp.data.dataset import PreparedDataset, collate, pack, unpack
+
+    dm = _dm(toy_prepared, toy_settings)
+    dm.setup("fit")
+    ds = PreparedDataset(toy_prepared, dm.train_records)
+    batch = collate([ds[i] for i in range(3)])
+    restored = unpack(pack(dict(batch)))
+    assert restored.keys() == batch.keys()
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            assert restored[k].dtype == v.dtype and torch.equal(restored[k], v), k
+        else:
+            assert restored[k] == v
