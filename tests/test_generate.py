@@ -1,0 +1,59 @@
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from mpp.cli import main as cli_main
+from mpp.generate import main, read_layouts
+from tests.test_training import fit_args
+
+
+def test_read_layouts_reports_bad_lines_by_number(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ref.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    lines = [
+        {"id": "a", "prompt": "a red square", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "caption": "a red square", "reference": "ref.png"}]},
+        {"id": "b", "prompt": "x"},
+        {"id": "c", "prompt": "x", "instances": [{"bbox": [10, 10, 300, 40]}]},
+        {"id": "d", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.2, 0.2], "reference": "missing.png"}]},
+        {"id": "e", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.2, 0.2], "reference": "broken.png"}]},
+        {"id": "f", "prompt": "two boxes in pixels", "instances": [{"bbox": [0, 0, 64, 64]}, {"bbox": [64, 64, 128, 128]}]},
+    ]
+    path = tmp_path / "layouts.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    layouts, errors = read_layouts(str(path), resolution=128)
+    assert [x.id for x in layouts] == ["a", "f"]
+    assert layouts[1].boxes.tolist() == [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]
+    assert errors[0].startswith(f"{path}:2:") and "instances" in errors[0]
+    assert errors[1].startswith(f"{path}:3:") and "outside" in errors[1]
+    assert errors[2].startswith(f"{path}:4:") and "missing.png does not exist" in errors[2]
+    assert errors[3].startswith(f"{path}:5:") and "unreadable image" in errors[3]
+    assert errors[4].startswith(f"{path}:7:")
+
+
+def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_models, toy_prepared, toy_world):
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1")
+    cli_main(args)
+    ckpt = tmp_path / "runs/checkpoints/stage1/step=0000001.ckpt"
+    scene = toy_world.scene(3)
+    ref = next(i for i in scene.instances if i.foreground)
+    Image.fromarray(toy_world.reference(ref.identity)).save(tmp_path / "ref.png")
+    good = {"id": "shot1", "prompt": scene.caption,
+            "instances": [{"bbox": list(i.bbox), "caption": i.caption, **({"reference": "ref.png"} if i is ref else {})}
+                          for i in scene.instances]}
+    bad = {"id": "shot2", "prompt": "x", "instances": [{"bbox": [0, 0, 500, 10]}]}
+    (tmp_path / "layouts.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    flags = [a for a in args[1:]]  # the same configs and flags as the training run
+    configs = [flags[i + 1] for i, a in enumerate(flags) if a == "--config"]
+    overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
+    out = tmp_path / "out"
+    assert main([*[x for c in configs for x in ("--config", c)], "--ckpt", str(ckpt), "--layouts", "layouts.jsonl",
+                 "--out", str(out), "--steps", "2", *overrides]) == 0
+    report = json.load(open(out / "generated.json"))
+    assert [r["id"] for r in report["images"]] == ["shot1"]
+    assert len(report["errors"]) == 1 and ":2:" in report["errors"][0]
+    for name in ("shot1.png", "shot1_boxes.png"):
+        assert Image.open(out / name).size == (128, 128)
+    assert len(report["images"][0]["alpha"]) == len(scene.instances)
