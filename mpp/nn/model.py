@@ -231,23 +231,16 @@ class MppFlux(nn.Module):
             code = self.modulation.identity_code(dino_p, clip_p)
 
         stats = []
-        for i, block in enumerate(bb.transformer_blocks):
-            slot = self._double_slot.get(i)
-            if slot is None:
-                txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
-            else:
+        stacks = (("double", bb.transformer_blocks, self._double_slot),
+                  ("single", bb.single_transformer_blocks, self._single_slot))
+        for kind, blocks, slots in stacks:
+            for i, block in enumerate(blocks):
+                slot = slots.get(i)
+                if slot is None:
+                    txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
+                    continue
                 txt, img, inst, code, s = self._maybe_checkpoint(
-                    self._layout_step, "double", block, slot, img, txt, temb, rope, layout, inst, code, alpha
-                )
-                if s is not None:
-                    stats.append(s)
-        for i, block in enumerate(bb.single_transformer_blocks):
-            slot = self._single_slot.get(i)
-            if slot is None:
-                txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
-            else:
-                txt, img, inst, code, s = self._maybe_checkpoint(
-                    self._layout_step, "single", block, slot, img, txt, temb, rope, layout, inst, code, alpha
+                    self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, alpha
                 )
                 if s is not None:
                     stats.append(s)
