@@ -8,8 +8,8 @@ requested one. In the toy world each instance's colour is known (`"color"` in th
 queried with the instance caption — e.g. Grounding DINO through transformers'
 `AutoModelForZeroShotObjectDetection` — by implementing `Detector.detect`.
 
-Identity: colour-histogram similarity of the generated crop to its reference (no model needed).
-The DINOv2 similarity of DESIGN.md section 6 is not wired in yet.
+Identity: the DINOv2 cosine similarity of the generated crop to its reference (`--dino`, a hub id
+or folder) and a colour-histogram similarity that needs no model.
 """
 
 from __future__ import annotations
@@ -60,14 +60,26 @@ def _crop(image: np.ndarray, box) -> np.ndarray:
     return image[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
 
 
+def dino_similarity(encoders, a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of the DINOv2 CLS embeddings of two H×W×3 uint8 images."""
+    import torch
+
+    from mpp.data.raw import to_tensor
+
+    with torch.no_grad():
+        emb = [encoders.dino_embeds(to_tensor(Image.fromarray(x))[None]) for x in (a, b)]
+    return float(torch.nn.functional.cosine_similarity(emb[0], emb[1]).item())
+
+
 def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: Detector, *,
-             references: dict[str, np.ndarray] | None = None, iou_threshold: float = 0.5) -> dict:
+             references: dict[str, np.ndarray] | None = None, encoders=None, iou_threshold: float = 0.5) -> dict:
     """Scores every instance of every generated image.
 
     images: id → H×W×3 uint8; layouts: id → layout ({"instances": [{"bbox" (normalized), …}]});
-    references: instance reference path → image, for the identity scores.
+    references: instance reference path → image, for the identity scores; encoders: an
+    `mpp.encoders.Encoders` whose DINOv2 gives the identity similarity (None: skipped).
     """
-    ious, hist_sims = [], []
+    ious, hist_sims, dino_sims = [], [], []
     for sid, image in images.items():
         h, w = image.shape[:2]
         for inst in layouts[sid]["instances"]:
@@ -77,7 +89,10 @@ def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: 
             ious.append(0.0 if found is None else box_iou(found, target))
             ref = (references or {}).get(inst.get("reference"))
             if ref is not None:
-                hist_sims.append(color_histogram_similarity(_crop(image, target), ref))
+                crop = _crop(image, target)
+                hist_sims.append(color_histogram_similarity(crop, ref))
+                if encoders is not None:
+                    dino_sims.append(dino_similarity(encoders, crop, ref))
     result = {
         "images": len(images), "instances": len(ious),
         "miou": float(np.mean(ious)) if ious else 0.0,
@@ -85,6 +100,8 @@ def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: 
     }
     if hist_sims:
         result["color_histogram_similarity"] = float(np.mean(hist_sims))
+    if dino_sims:
+        result["dino_similarity"] = float(np.mean(dino_sims))
     return result
 
 
@@ -116,10 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--generated", required=True, help="output folder of python -m mpp.generate")
     p.add_argument("--layouts", required=True, help="the layouts JSONL it generated from (with instance colours)")
-    p.add_argument("--tol", type=float, default=40.0)
+    p.add_argument("--tol", type=float, default=40.0, help="colour tolerance of the toy detector")
+    p.add_argument("--dino", default=None, help="DINOv2 hub id or folder for the identity similarity")
     a = p.parse_args(argv)
     images, layouts, references = load_generated(a.generated, a.layouts)
-    print(json.dumps(evaluate(images, layouts, ToyColorDetector(tol=a.tol), references=references)))
+    encoders = None
+    if a.dino:
+        from mpp.encoders import EncoderSettings, Encoders
+
+        encoders = Encoders(EncoderSettings(dino=a.dino))
+    print(json.dumps(evaluate(images, layouts, ToyColorDetector(tol=a.tol), references=references, encoders=encoders)))
     return 0
 
 

@@ -49,7 +49,7 @@ def test_toy_detector_needs_colours():
         ToyColorDetector().detect(np.zeros((4, 4, 3), np.uint8), {"caption": "x"})
 
 
-def test_cli_reads_generate_output(toy_world, tmp_path, capsys):
+def test_cli_reads_generate_output(toy_world, toy_models, tmp_path, capsys):
     import json
 
     from PIL import Image
@@ -65,7 +65,19 @@ def test_cli_reads_generate_output(toy_world, tmp_path, capsys):
     layout = {"id": "s", "prompt": scene.caption, "instances": [
         {"bbox": list(i.bbox), "color": list(i.color), "reference": "ref.png"} for i in scene.instances]}
     (tmp_path / "layouts.jsonl").write_text(json.dumps(layout) + "\n")
-    assert main(["--generated", str(tmp_path), "--layouts", str(tmp_path / "layouts.jsonl")]) == 0
+    assert main(["--generated", str(tmp_path), "--layouts", str(tmp_path / "layouts.jsonl"),
+                 "--dino", f"{toy_models}/dino"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["instances"] == len(scene.instances) and result["miou"] > 0.8
     assert 0 < result["color_histogram_similarity"] <= 1
+    assert -1 <= result["dino_similarity"] <= 1
+
+
+def test_dino_similarity_of_an_image_with_itself_is_one(toy_settings, toy_world):
+    from mpp.encoders import Encoders
+    from mpp.evaluate import dino_similarity
+
+    enc = Encoders(toy_settings)
+    a = toy_world.scene(0).image
+    assert dino_similarity(enc, a, a) == pytest.approx(1.0, abs=1e-5)
+    assert dino_similarity(enc, a, toy_world.scene(1).image) < 0.9999
