@@ -17,7 +17,7 @@ import time
 
 from mpp.cli import main as fit
 from mpp.evaluate import ToyColorDetector, evaluate, load_generated
-from mpp.generate import generate, load_module, read_layouts
+from mpp.generate import Sampler, generate, load_module, read_layouts
 from mpp.toy.scenes import ToyWorld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,8 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
     if errors:
         raise ValueError(f"bad held-out layouts: {errors}")
     out = os.path.join(workdir, "generated")
-    records = generate(module, layouts, out, resolution=resolution, steps=steps)
+    sampler = Sampler(steps=steps, shift=module.sampling.shift, guidance=module.hparams.guidance)
+    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampler=sampler)
     with open(os.path.join(out, "generated.json"), "w") as f:
         json.dump({"checkpoint": ckpt, "images": records}, f)
     images, scored, _ = load_generated(out, layouts_path)

@@ -3,6 +3,12 @@
     python -m mpp.generate --config configs/stage1.yaml [--config configs/toy.yaml] \\
         --ckpt runs/checkpoints/stage1/step=0000600.ckpt --layouts layouts.jsonl --out generated/
 
+From Python, without Lightning, on what training exported:
+
+    model, settings, sampler = load_exported("runs/export/stage1")
+    layouts, errors = read_layouts("layouts.jsonl", resolution=1024)
+    generate(model, Encoders(settings), layouts, "generated/", resolution=1024, sampler=sampler)
+
 Each JSONL line: {"id": "shot_12"?, "prompt": "...", "instances": [{"bbox": [x0, y0, x1, y1],
 "caption": "...", "reference": "refs/actor.png"?}]}. Boxes whose values all lie in [0, 1] are
 normalized; otherwise they are pixels of the generated image (data.resolution square). A bad line
@@ -21,9 +27,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mpp.data.dataset import CONDITIONING
 from mpp.data.raw import read_image, to_tensor
-from mpp.encoders import Encoders, crop_boxes
+from mpp.encoders import EncoderSettings, Encoders, crop_boxes, embedding_dims, parse_dtype
+from mpp.flow import euler_sample
 from mpp.viz import draw_boxes, to_uint8
+
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +119,91 @@ def encode_layout(encoders: Encoders, layout: Layout) -> dict:
     }
 
 
-def generate(module, layouts: list[Layout], out_dir: str, *, resolution: int, seed: int = 0,
-             steps: int | None = None) -> list[dict]:
-    """Euler-samples each layout with `module` (an MppModule with its model built), writes
-    `<id>.png` and `<id>_boxes.png`, and returns one record per image."""
+@dataclass
+class Sampler:
+    """How to sample: Euler steps, timestep shift, the guidance value fed to FLUX-dev, base seed."""
+
+    steps: int = 28
+    shift: float | None = 3.0
+    guidance: float = 3.5
+    seed: int = 0
+
+
+@torch.no_grad()
+def sample_latents(model, batch: dict, noise: Tensor, *, steps: int, shift: float | None, guidance: float) -> Tensor:
+    """Euler-integrates `model` (an `mpp.nn.MppFlux`) from `noise` for the layouts of `batch`."""
+    cond = {k: batch[k] for k in CONDITIONING}
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        return model(latents=x, timesteps=t, guidance=torch.full_like(t, guidance), **cond).velocity
+
+    return euler_sample(velocity, noise, steps=steps, shift=shift)
+
+
+def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
+             sampler: Sampler) -> list[dict]:
+    """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
+    `<id>.png` and `<id>_boxes.png` (boxes coloured by the predicted α), returns one record each."""
     os.makedirs(out_dir, exist_ok=True)
-    enc = module.encoders
-    factor = enc.vae_downsample
-    channels = module.model.backbone.config.in_channels // 4
-    module.eval()
+    device = next(model.parameters()).device
+    shape = (1, model.backbone.config.in_channels // 4, resolution // encoders.vae_downsample,
+             resolution // encoders.vae_downsample)
+    model.eval()
     records = []
     for i, layout in enumerate(layouts):
-        batch = encode_layout(enc, layout)
-        batch["latent_shape"] = (1, channels, resolution // factor, resolution // factor)
+        batch = encode_layout(encoders, layout)
+        seed = sampler.seed + i
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
         with torch.no_grad():
-            alpha = module(torch.zeros(batch["latent_shape"], device=module.device),
-                           torch.full((1,), 0.5, device=module.device), batch).alpha[0]
-            image = enc.decode_latents(module.generate(batch, seed=seed + i, steps=steps))[0]
+            half = torch.full((1,), 0.5, device=device)
+            alpha = model(latents=noise, timesteps=half, guidance=torch.full_like(half, sampler.guidance),
+                          **{k: batch[k] for k in CONDITIONING}).alpha[0]
+            latents = sample_latents(model, batch, noise, steps=sampler.steps, shift=sampler.shift,
+                                     guidance=sampler.guidance)
+            image = encoders.decode_latents(latents)[0]
         pixels = to_uint8(image)
         Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.id}.png"))
         Image.fromarray(draw_boxes(pixels, layout.boxes, alpha.cpu())).save(os.path.join(out_dir, f"{layout.id}_boxes.png"))
-        records.append({"id": layout.id, "prompt": layout.prompt, "seed": seed + i, "boxes": layout.boxes.tolist(),
+        records.append({"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": layout.boxes.tolist(),
                         "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
                         "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"})
     return records
+
+
+def load_exported(export_dir: str, *, backbone: str | None = None, device: str = "cpu"):
+    """Rebuilds the trained model from an export folder (`config.json`, `heads.safetensors`,
+    `lora.safetensors`) without Lightning. Returns (MppFlux, EncoderSettings, Sampler).
+
+    Args:
+        backbone: the FLUX transformer's hub id or folder, if not the one recorded at export.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mpp.nn import MppFlux, build_backbone
+    from mpp.nn.lora import ADAPTER_NAME
+
+    with open(os.path.join(export_dir, "config.json")) as f:
+        cfg = json.load(f)
+    settings = EncoderSettings(**cfg["encoders"])
+    bb = build_backbone(backbone or cfg["backbone"], subfolder=cfg["backbone_subfolder"],
+                        torch_dtype=parse_dtype(cfg["backbone_dtype"]))
+    model = MppFlux(bb, **embedding_dims(settings), **cfg["heads"])
+    heads = load_file(os.path.join(export_dir, "heads.safetensors"))
+    own = {n for n, _ in model.named_parameters() if ".lora_" not in n and not n.startswith("backbone.")}
+    missing = sorted(own - set(heads))
+    if missing:
+        raise ValueError(f"{export_dir}/heads.safetensors lacks {len(missing)} weights, e.g. {missing[:5]}")
+    model.load_state_dict(heads, strict=False)
+    lora_path = os.path.join(export_dir, "lora.safetensors")
+    if os.path.exists(lora_path):
+        lora = {k.removeprefix("transformer."): v for k, v in load_file(lora_path).items()}
+        result = set_peft_model_state_dict(bb, lora, adapter_name=ADAPTER_NAME)
+        if result.unexpected_keys:
+            raise ValueError(f"{lora_path} holds weights the model lacks, e.g. {result.unexpected_keys[:5]}")
+    sampler = Sampler(steps=cfg["sampling"]["steps"], shift=cfg["sampling"]["shift"], guidance=cfg["guidance"],
+                      seed=cfg["sampling"]["seed"])
+    return model.to(device).eval(), settings, sampler
 
 
 def load_module(configs: list[str], ckpt: str, overrides: list[str] | None = None):
@@ -169,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     layouts, errors = read_layouts(a.layouts, resolution=resolution)
     for e in errors:
         log.error("skipping %s", e)
-    records = generate(module, layouts, a.out, resolution=resolution, seed=a.seed, steps=a.steps)
+    sampler = Sampler(steps=a.steps or module.sampling.steps, shift=module.sampling.shift,
+                      guidance=module.hparams.guidance, seed=a.seed)
+    records = generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampler=sampler)
     with open(os.path.join(a.out, "generated.json"), "w") as f:
         json.dump({"checkpoint": a.ckpt, "layouts": a.layouts, "images": records, "errors": errors}, f, indent=1)
     log.info("wrote %d images to %s (%d bad lines skipped)", len(records), a.out, len(errors))

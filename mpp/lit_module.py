@@ -9,16 +9,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from mpp.data.dataset import CONDITIONING
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
-from mpp.flow import euler_sample, flow_matching_loss, noisy_latents, sample_timesteps
+from mpp.flow import flow_matching_loss, noisy_latents, sample_timesteps
 from mpp.losses import alpha_bce, identity_loss
 from mpp.nn import MppFlux, build_backbone, set_trainable
 from mpp.nn.model import STAGE_GROUPS
 
 log = logging.getLogger(__name__)
 
-CONDITIONING = ("prompt_embeds", "pooled_prompt_embeds", "boxes", "instance_mask", "instance_text",
-                "clip_embeds", "dino_embeds")
 
 
 @dataclass
@@ -253,12 +252,12 @@ class MppModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict, *, seed: int | None = None, steps: int | None = None) -> Tensor:
         """Euler-samples latents for the batch's layouts from a fixed seed; returns B×C×h×w."""
-        x0 = batch["latents"] if "latents" in batch else None
-        shape = x0.shape if x0 is not None else batch["latent_shape"]
+        from mpp.generate import sample_latents
+
         g = torch.Generator().manual_seed(self.sampling.seed if seed is None else seed)
-        noise = torch.randn(shape, generator=g).to(self.device)
-        return euler_sample(lambda x, t: self(x, t, batch).velocity, noise, steps=steps or self.sampling.steps,
-                            shift=self.sampling.shift)
+        noise = torch.randn(batch["latents"].shape, generator=g).to(self.device)
+        return sample_latents(self.model, batch, noise, steps=steps or self.sampling.steps,
+                              shift=self.sampling.shift, guidance=self.hparams.guidance)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,4 +1,6 @@
+import json
 import os
+from dataclasses import asdict
 
 import lightning as L
 from safetensors.torch import save_file
@@ -6,7 +8,9 @@ from safetensors.torch import save_file
 
 class ExportSafetensors(L.Callback):
     """At the end of training, writes the LoRA in diffusers' format (`lora.safetensors`, loadable
-    by `FluxPipeline.load_lora_weights`) and the heads (`heads.safetensors`) to `dirpath`.
+    by `FluxPipeline.load_lora_weights`), the heads (`heads.safetensors`) and what it takes to
+    rebuild the model without Lightning (`config.json`, read by `mpp.generate.load_exported`) to
+    `dirpath`.
 
     Args:
         dirpath: output folder.
@@ -31,3 +35,10 @@ def export(pl_module, dirpath: str) -> None:
     state = pl_module.state_dict()
     heads = {k.removeprefix("model."): state[k].detach().cpu().contiguous() for k in sorted(owned) if ".lora_" not in k}
     save_file(heads, os.path.join(dirpath, "heads.safetensors"), metadata={"stage": str(pl_module.stage)})
+    hp = pl_module.hparams
+    config = {"stage": pl_module.stage, "backbone": hp.backbone, "backbone_subfolder": hp.backbone_subfolder,
+              "backbone_dtype": hp.backbone_dtype, "heads": asdict(pl_module.heads),
+              "encoders": pl_module.encoder_settings.to_dict(), "guidance": hp.guidance,
+              "sampling": asdict(pl_module.sampling)}
+    with open(os.path.join(dirpath, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
