@@ -107,7 +107,7 @@ class MppDataModule(L.LightningDataModule):
             raise ValueError(f"{manifest} does not exist: prepare the dataset first (python -m mpp.prepare), "
                              "or merge shards (python -m mpp.prepare merge)")
         check_prepare_info(self.root, {"version": FORMAT_VERSION, "resolution": self.resolution,
-                                       "encoders": self.encoders.to_dict()})
+                                       "encoders": self.encoders.identity()})
         records = read_manifest(manifest)
         self.val_records = [r for r in records if is_validation(r["id"], self.val_fraction)]
         self.train_records = [r for r in records if not is_validation(r["id"], self.val_fraction)]

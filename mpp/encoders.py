@@ -54,6 +54,15 @@ class EncoderSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def identity(self) -> dict:
+        """What a dataset records and must match: the settings with local folders made absolute,
+        so a relative and an absolute path to the same folder agree."""
+        d = self.to_dict()
+        for key in ("flux", "clip_vision", "dino"):
+            if os.path.isdir(d[key]):
+                d[key] = os.path.realpath(d[key])
+        return d
+
 
 def _read_json(path_or_id: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> dict | None:
     local = os.path.join(path_or_id, subfolder or "", filename)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def prepare_info(settings: EncoderSettings, resolution: int, store_dtype: str) -> dict:
     """What prepare.json records and a training config must agree with."""
-    return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.to_dict(), "store_dtype": store_dtype}
+    return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.identity(), "store_dtype": store_dtype}
 
 
 @dataclass

@@ -191,3 +191,11 @@ def test_pack_round_trips_a_batch(toy_prepared, toy_settings):
             assert restored[k].dtype == v.dtype and torch.equal(restored[k], v), k
         else:
             assert restored[k] == v
+
+
+def test_relative_and_absolute_paths_to_the_same_encoders_agree(toy_prepared, toy_settings, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(toy_settings.flux))
+    name = os.path.basename(toy_settings.flux)
+    relative = type(toy_settings)(**{**toy_settings.to_dict(), "flux": name,
+                                     "clip_vision": os.path.join(name, "image_encoder"), "dino": os.path.join(name, "dino")})
+    _dm(toy_prepared, relative).setup("fit")  # prepared with absolute paths, configured with relative ones
