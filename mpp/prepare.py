@@ -13,6 +13,8 @@ and unsharded runs write identical files.
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mpp.data.layout import (
-    FORMAT_VERSION, atomic_write, atomic_write_json, file_sha256, read_manifest, read_prepare_info,
+    FORMAT_VERSION, atomic_write, atomic_write_json, read_manifest, read_prepare_info,
     record_is_complete, sample_path, shard_manifest_name, write_manifest,
 )
 from mpp.data.raw import RawSample, SampleError, list_sample_ids, load_raw_sample
@@ -91,7 +93,8 @@ def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) 
     from PIL import Image
 
     img = ((s.image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    atomic_write(sample_path(output, "image", s.id), lambda f: Image.fromarray(img).save(f, format="PNG"))
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, format="PNG")
     caption = {
         "caption": s.caption,
         "num_instances": len(s.instance_captions),
@@ -100,20 +103,18 @@ def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) 
             for box, c, fg, ref in zip(s.boxes.tolist(), s.instance_captions, s.foreground, s.reference_paths)
         ],
     }
-    atomic_write(sample_path(output, "caption", s.id), lambda f: f.write(json.dumps(caption, indent=1).encode()))
-    for kind, group in tensors.items():
-        data = _safetensors_bytes(group, dtype)
+    files = {"image": png.getvalue(), "caption": json.dumps(caption, indent=1).encode()}
+    files.update({kind: _safetensors_bytes(group, dtype) for kind, group in tensors.items()})
+    for kind, data in files.items():
         atomic_write(sample_path(output, kind, s.id), lambda f, d=data: f.write(d))
-    latent_shape = list(tensors["latents"]["latents"].shape)
     return {
         "id": s.id,
         "width": s.image.shape[2], "height": s.image.shape[1],
         "source_size": list(s.source_size),
-        "latent_shape": latent_shape,
+        "latent_shape": list(tensors["latents"]["latents"].shape),
         "num_instances": len(s.instance_captions),
         "dropped_instances": s.dropped,
-        "files": {kind: file_sha256(sample_path(output, kind, s.id)) for kind in
-                  ("image", "caption", "latents", "clip", "dino", "text")},
+        "files": {kind: hashlib.sha256(data).hexdigest() for kind, data in files.items()},
     }
 
 

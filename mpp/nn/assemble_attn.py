@@ -184,12 +184,10 @@ def assemble_double(
     pb = layout.pair_b
     c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = (c[pb] for c in ctx_chunks)
     inst_n = block.norm1_context.norm(inst) * (1 + c_scale) + c_shift
-    hd = attn.head_dim
-    iq = attn.norm_added_q(split_heads(project(attn.add_q_proj, inst_n, True), hd))
-    ik = attn.norm_added_k(split_heads(project(attn.add_k_proj, inst_n, True), hd))
-    iv = split_heads(project(attn.add_v_proj, inst_n, True), hd)
+    inst_qkv = _instance_qkv(inst_n, attn.head_dim, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                             (attn.norm_added_q, attn.norm_added_k))
     img = _gather_img_qkv(attn, layout, img_norm, img_qkv, add_lora)
-    out_inst, out_img = assemble_sdpa((iq, ik, iv), img, _gather_rope(rope_img, layout), layout.key_valid)
+    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid)
 
     out_img = attn.to_out[1](project(attn.to_out[0], out_img, True))
     contrib = scatter_mean(_head_linear(out_proj, out_img), layout)
@@ -198,6 +196,12 @@ def assemble_double(
     inst_n2 = block.norm2_context(inst) * (1 + c_scale_mlp) + c_shift_mlp
     inst = inst + c_gate_mlp * block.ff_context(inst_n2)
     return contrib, inst
+
+
+def _instance_qkv(inst_n: Tensor, head_dim: int, projections, norms) -> tuple[Tensor, Tensor, Tensor]:
+    """Instance-token q, k, v through the given projections (with their LoRA), q and k normed."""
+    q, k, v = (split_heads(project(p, inst_n, True), head_dim) for p in projections)
+    return norms[0](q), norms[1](k), v
 
 
 def assemble_single(
@@ -222,12 +226,9 @@ def assemble_single(
     pb = layout.pair_b
     shift, scale, gate = (c[pb] for c in chunks)
     inst_n = block.norm.norm(inst) * (1 + scale) + shift
-    hd = attn.head_dim
-    iq = attn.norm_q(split_heads(project(attn.to_q, inst_n, True), hd))
-    ik = attn.norm_k(split_heads(project(attn.to_k, inst_n, True), hd))
-    iv = split_heads(project(attn.to_v, inst_n, True), hd)
+    inst_qkv = _instance_qkv(inst_n, attn.head_dim, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
     img = _gather_img_qkv(attn, layout, img_norm, img_qkv, add_lora)
-    out_inst, out_img = assemble_sdpa((iq, ik, iv), img, _gather_rope(rope_img, layout), layout.key_valid)
+    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid)
 
     d = out_img.shape[-1]
     out_img = F.linear(out_img, block.proj_out.weight[:, :d])
