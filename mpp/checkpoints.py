@@ -32,8 +32,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(str(path), lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str, *, mmap: bool = False) -> dict:
+    """A checkpoint on the CPU; ``mmap`` maps the tensors instead of reading them (cheap key checks)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def is_loadable(path: str) -> bool:

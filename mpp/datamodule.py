@@ -15,6 +15,7 @@ from mpp.data.dataset import PreparedDataset, packed_collate, unpack
 from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
 from mpp.data.sampler import ResumableShardSampler
 from mpp.encoders import EncoderSettings
+from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class ToyData:
     num_samples: int = 512
     seed: int = 0
     image_size: int = 128
-    pretrain_steps: int = 300
+    pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
 
 
 def is_validation(sample_id: str, fraction: float) -> bool:

@@ -7,6 +7,7 @@ training run that needs only the VAE decoder and DINOv2 never loads T5. Images a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -56,12 +57,40 @@ class EncoderSettings:
 
     def identity(self) -> dict:
         """What a dataset records and must match: the settings with local folders made absolute,
-        so a relative and an absolute path to the same folder agree."""
+        so a relative and an absolute path to the same folder agree, and for local folders a
+        fingerprint of the weights that produce the tensors, so a model re-trained or re-fitted
+        in place does not pass for the one the dataset was prepared with."""
         d = self.to_dict()
-        for key in ("flux", "clip_vision", "dino"):
+        fingerprints = {}
+        for key, subfolders in (("flux", FLUX_ENCODER_SUBFOLDERS), ("clip_vision", ("",)), ("dino", ("",))):
             if os.path.isdir(d[key]):
                 d[key] = os.path.realpath(d[key])
+                for sub in subfolders:
+                    fingerprints[os.path.join(key, sub).rstrip("/")] = weights_fingerprint(os.path.join(d[key], sub))
+        if fingerprints:
+            d["fingerprints"] = fingerprints
         return d
+
+
+FLUX_ENCODER_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2")
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def weights_fingerprint(folder: str) -> str:
+    """sha256 over the weight files of `folder` (names, sizes, first and last MiB of each): cheap
+    for multi-GB encoders, and any re-training or re-fitting changes it."""
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin"))) if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_FINGERPRINT_BYTES))
+            if size > _FINGERPRINT_BYTES:
+                f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def _read_json(path_or_id: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> dict | None:

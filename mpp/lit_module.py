@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
 from mpp.data.dataset import CONDITIONING
@@ -58,6 +59,10 @@ class Sampling:
     steps: int = 28
     shift: float | None = 3.0
     seed: int = 0
+    layout_guidance: float = 1.0  # classifier-free guidance on the layout (mpp.generate.sample_latents); 1: off
+
+
+FSDP_WRAPPED = "_fsdp_wrapped_module."
 
 
 def _seed(*parts: int) -> int:
@@ -122,6 +127,10 @@ class MppModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        # cuDNN's attention kernels turned the toy run's bf16 training to NaN after the first optimizer
+        # step (torch 2.11 + cu130 on an H200; flash, memory-efficient and math kernels train the same
+        # run normally), so training never picks them.
+        torch.backends.cuda.enable_cudnn_sdp(False)
         dims = embedding_dims(self.encoder_settings)
         backbone = build_backbone(self.hparams.backbone, subfolder=self.hparams.backbone_subfolder,
                                   torch_dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
@@ -139,13 +148,17 @@ class MppModule(L.LightningModule):
                                       dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
         return self._encoders
 
+    def _named_parameters(self):
+        """named_parameters() with the names a full state dict uses (FSDP's wrapper names removed)."""
+        return ((name.replace(FSDP_WRAPPED, ""), p) for name, p in self.named_parameters())
+
     def owned_keys(self) -> set[str]:
         """State-dict keys of every parameter mpp adds to the backbone (heads and LoRA)."""
         owned = {id(p) for group in self.model.parameter_groups().values() for p in group}
-        return {name for name, p in self.named_parameters() if id(p) in owned}
+        return {name for name, p in self._named_parameters() if id(p) in owned}
 
     def trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        return {name for name, p in self._named_parameters() if p.requires_grad}
 
     def _load_previous_stage(self, path: str) -> None:
         from mpp.checkpoints import load_checkpoint
@@ -153,7 +166,7 @@ class MppModule(L.LightningModule):
         ckpt = load_checkpoint(path)
         previous = STAGE_GROUPS[ckpt["mpp"]["stage"]]
         expected = {id(p) for g in previous for p in self.model.parameter_groups()[g]}
-        expected_keys = {n for n, p in self.named_parameters() if id(p) in expected}
+        expected_keys = {n for n, p in self._named_parameters() if id(p) in expected}
         missing = sorted(expected_keys - set(ckpt["state_dict"]))
         if missing:
             raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it trained, "
@@ -176,7 +189,12 @@ class MppModule(L.LightningModule):
         if stage != self.stage:
             raise ValueError(f"resuming stage {self.stage} from a stage-{stage} checkpoint: pass it as a "
                              "previous stage's --ckpt_path (stage + 1) or use the same stage's config")
-        missing = sorted(self.owned_keys() - set(checkpoint["state_dict"]))
+        state = checkpoint.get("state_dict")
+        if state is None:  # FSDP's strategy loads the weights itself and hands this hook the rest
+            from mpp.checkpoints import load_checkpoint
+
+            state = load_checkpoint(self.trainer.ckpt_path, mmap=True)["state_dict"]
+        missing = sorted(self.owned_keys() - set(state))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} of this model's trainable weights, e.g. {missing[:5]}")
         self.micro_step = checkpoint["mpp"]["micro_step"]
@@ -257,7 +275,15 @@ class MppModule(L.LightningModule):
         g = torch.Generator().manual_seed(self.sampling.seed if seed is None else seed)
         noise = torch.randn(batch["latents"].shape, generator=g).to(self.device)
         return sample_latents(self.model, batch, noise, steps=steps or self.sampling.steps,
-                              shift=self.sampling.shift, guidance=self.hparams.guidance)
+                              shift=self.sampling.shift, guidance=self.hparams.guidance,
+                              layout_guidance=self.sampling.layout_guidance)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision plugin refuses norm clipping; FSDP computes the norm across shards
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

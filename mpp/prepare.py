@@ -33,6 +33,7 @@ from mpp.data.layout import (
 )
 from mpp.data.raw import RawSample, SampleError, list_sample_ids, load_raw_sample
 from mpp.encoders import EncoderSettings, Encoders, crop_boxes, parse_dtype
+from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def toy_encoder_settings(models_dir: str) -> EncoderSettings:
 
 
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
-                pretrain_steps: int = 300, encoders: EncoderSettings | None = None, num_shards: int = 1,
+                pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, encoders: EncoderSettings | None = None, num_shards: int = 1,
                 shard_index: int = 0, progress: bool = True) -> PrepareResult:
     """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
     `pretrain_steps`) and a toy dataset: raw scenes under output/source, prepared beside them."""
@@ -247,7 +248,16 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
         shutil.rmtree(source, ignore_errors=True)
         world.write_raw(source, num_samples)
         atomic_write_json(marker, wanted)
-    return prepare_dataset(source, output, encoders=encoders or toy_encoder_settings(models_dir),
+    encoders = encoders or toy_encoder_settings(models_dir)
+    existing = read_prepare_info(output)
+    if existing is not None and existing.get("encoders") != encoders.identity():
+        # the toy models were rebuilt (new format or pretraining budget): the prepared tensors are stale
+        log.warning("%s: toy data was prepared with other toy models; preparing it again", output)
+        for name in os.listdir(output):
+            if name != "source":
+                path = os.path.join(output, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return prepare_dataset(source, output, encoders=encoders,
                            resolution=image_size, num_shards=num_shards, shard_index=shard_index,
                            progress=progress)
 

@@ -39,7 +39,9 @@ class ImageLogger(L.Callback):
         pl_module.eval()
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            # the training step's precision context: under FSDP mixed precision the blocks hold bf16
+            # weights that only autocast reconciles with the float32 heads
+            with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
                 half = torch.full((len(batch["ids"]),), 0.5, device=pl_module.device)
                 alpha = pl_module(batch["latents"], half, batch).alpha
                 generated = pl_module.generate(batch, steps=self.steps)

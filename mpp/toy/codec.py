@@ -1,8 +1,11 @@
 """PCA patch codec: a linear, differentiable stand-in for FLUX's AutoencoderKL in the toy world.
 
 Each non-overlapping ``p×p`` RGB patch (3·p² values) is projected on the top ``C`` principal
-components of the patches of toy scenes: ``encode`` gives ``B×C×H/p×W/p`` raw coefficients and
-``decode`` is the exact linear inverse on that subspace. Like ``AutoencoderKL``, scaling is the
+components of the patches of toy scenes and each coefficient divided by its standard deviation:
+``encode`` gives ``B×C×H/p×W/p`` whitened coefficients and ``decode`` is the exact linear inverse on
+that subspace. Whitening matters for the flow model: raw PCA channels span an 11× range of standard
+deviations, so under unit noise the fine-detail channels sit at a tenth of the signal-to-noise ratio
+of the first, and an undertrained model leaves them as visible per-patch noise. Like ``AutoencoderKL``, scaling is the
 caller's job: the model-space latent is ``(z - config.shift_factor) * config.scaling_factor``.
 """
 
@@ -62,9 +65,11 @@ class PatchCodec(torch.nn.Module):
             scaling_factor=float(scaling_factor),
             shift_factor=float(shift_factor),
         )
-        # rows are orthonormal principal directions; mean is the mean patch
+        # rows are orthonormal principal directions; mean is the mean patch; channel_std the
+        # standard deviation of each coefficient over the fit set (encode divides by it)
         self.register_buffer("components", torch.zeros(latent_channels, dim))
         self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("channel_std", torch.ones(latent_channels))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -108,16 +113,16 @@ class PatchCodec(torch.nn.Module):
 
     # ------------------------------------------------------------------ codec
     def encode(self, x: Tensor) -> Tensor:
-        """B×3×H×W in [-1, 1] → B×C×H/p×W/p raw (unscaled) PCA coefficients."""
+        """B×3×H×W in [-1, 1] → B×C×H/p×W/p whitened PCA coefficients (before scaling_factor)."""
         patches = self._to_patches(x.to(self.dtype))
-        z = (patches - self.mean) @ self.components.T
+        z = (patches - self.mean) @ self.components.T / self.channel_std
         return z.permute(0, 3, 1, 2).contiguous()
 
     def decode(self, z: Tensor) -> Tensor:
-        """B×C×h×w raw coefficients → B×3×(h·p)×(w·p) image (not clamped); linear, differentiable."""
+        """B×C×h×w whitened coefficients → B×3×(h·p)×(w·p) image (not clamped); linear, differentiable."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected B×{self.latent_channels}×h×w latents, got {tuple(z.shape)}")
-        patches = z.to(self.dtype).permute(0, 2, 3, 1) @ self.components + self.mean
+        patches = (z.to(self.dtype).permute(0, 2, 3, 1) * self.channel_std) @ self.components + self.mean
         return self._from_patches(patches)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,10 +151,13 @@ class PatchCodec(torch.nn.Module):
         signs = torch.sign(comps[torch.arange(comps.shape[0]), idx])
         comps = comps * signs[:, None]
         z = centred @ comps.T
+        channel_std = z.std(dim=0).clamp_min(1e-6)
+        z = z / channel_std
         shift = z.mean().item()
         std = z.std().item()
         codec.components.copy_(comps.to(torch.float32))
         codec.mean.copy_(mean.to(torch.float32))
+        codec.channel_std.copy_(channel_std.to(torch.float32))
         codec.config.shift_factor = float(shift)
         codec.config.scaling_factor = float(1.0 / std) if std > 0 else 1.0
         return codec

@@ -42,7 +42,7 @@ __all__ = [
     "PRETRAIN_SCENES",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_NAME = "mpp_toy.json"
 FIT_INDEX_OFFSET = 10_000_000  # codec fit scenes: far from any dataset's indices
 MAX_LENGTH = 32

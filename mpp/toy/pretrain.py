@@ -44,10 +44,11 @@ log = logging.getLogger(__name__)
 
 PRETRAIN_INDEX_OFFSET = 20_000_000  # training scenes: disjoint from datasets (0..) and the codec fit (10M..)
 HELDOUT_INDEX_OFFSET = 30_000_000  # the fixed held-out batch behind initial_loss / final_loss
-PRETRAIN_GUIDANCE = 3.5
-# Budget for real use (``python -m mpp.toy models``): ~2 minutes on 2 shared CPU cores (measured ~2.9
-# steps/s at batch 32, 114 s in all; held-out loss 2.28 -> 0.83). Not converged: 600 steps reach 0.69.
-DEFAULT_PRETRAIN_STEPS = 300  # what mpp's training feeds the guidance embedding
+PRETRAIN_GUIDANCE = 3.5  # what mpp's training feeds the guidance embedding
+# Budget for real use (``python -m mpp.toy models``, configs/toy.yaml): 1000 steps at batch 32, about
+# 6 minutes on one CPU thread. Not converged: sample quality still rises at 1500 steps; at 300 the
+# samples were per-patch colour noise that no layout head could place.
+DEFAULT_PRETRAIN_STEPS = 1000
 HELDOUT_SIZE = 64
 _ENCODE_CHUNK = 256
 
