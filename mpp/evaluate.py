@@ -130,7 +130,7 @@ def load_generated(generated_dir: str, layouts_path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mpp evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--generated", required=True, help="output folder of python -m mpp.generate")
     p.add_argument("--layouts", required=True, help="the layouts JSONL it generated from (with instance colours)")
     p.add_argument("--tol", type=float, default=40.0, help="colour tolerance of the toy detector")

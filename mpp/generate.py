@@ -243,7 +243,7 @@ def load_module(configs: list[str], ckpt: str, overrides: list[str] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mpp generate", description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", required=True, help="stage config and overlays, in order")
     p.add_argument("--ckpt", required=True, help="a training checkpoint of that stage")
     p.add_argument("--layouts", required=True, help="JSONL of layouts")

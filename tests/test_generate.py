@@ -2,10 +2,12 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 from mpp.cli import main as cli_main
-from mpp.generate import main, read_layouts
+from mpp.__main__ import main as mpp_main
+from mpp.generate import read_layouts, sample_latents
 from tests.test_training import fit_args
 
 
@@ -43,17 +45,48 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     good = {"id": "shot1", "prompt": scene.caption,
             "instances": [{"bbox": list(i.bbox), "caption": i.caption, **({"reference": "ref.png"} if i is ref else {})}
                           for i in scene.instances]}
-    bad = {"id": "shot2", "prompt": "x", "instances": [{"bbox": [0, 0, 500, 10]}]}
-    (tmp_path / "layouts.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    bad = [{"id": "shot2", "prompt": "x", "instances": [{"bbox": [0, 0, 500, 10]}]},  # outside the image
+           {"id": "shot3", "prompt": "x"},  # no boxes
+           {"id": "shot4", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "reference": "nowhere.png"}]}]
+    (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in [bad[0], good, *bad[1:], {**good, "id": "shot5"}]) + "\n")
     flags = [a for a in args[1:]]  # the same configs and flags as the training run
     configs = [flags[i + 1] for i, a in enumerate(flags) if a == "--config"]
     overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
     out = tmp_path / "out"
-    assert main([*[x for c in configs for x in ("--config", c)], "--ckpt", str(ckpt), "--layouts", "layouts.jsonl",
-                 "--out", str(out), "--steps", "2", *overrides]) == 0
+    assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt", str(ckpt),
+                     "--layouts", "layouts.jsonl", "--out", str(out), "--steps", "2", *overrides]) == 0
     report = json.load(open(out / "generated.json"))
-    assert [r["id"] for r in report["images"]] == ["shot1"]
-    assert len(report["errors"]) == 1 and ":2:" in report["errors"][0]
-    for name in ("shot1.png", "shot1_boxes.png"):
+    assert [r["id"] for r in report["images"]] == ["shot1", "shot5"]
+    assert [e.split(":")[1] for e in report["errors"]] == ["1", "3", "4"]
+    for name in ("shot1.png", "shot1_boxes.png", "shot5.png"):
         assert Image.open(out / name).size == (128, 128)
     assert len(report["images"][0]["alpha"]) == len(scene.instances)
+
+
+def test_layout_guidance_extrapolates_from_the_same_model_without_instances(toy_models, toy_settings):
+    from mpp.encoders import embedding_dims
+    from mpp.nn import MppFlux, build_backbone
+
+    torch.manual_seed(0)
+    model = MppFlux(build_backbone(toy_models), **embedding_dims(toy_settings), lora_rank=4).eval()
+    with torch.no_grad():  # give the zero-initialized projections weight, so the layout changes the output
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    dims = embedding_dims(toy_settings)
+    g = torch.Generator().manual_seed(1)
+    batch = {"prompt_embeds": torch.randn(1, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+             "boxes": torch.tensor([[[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.9]]]),
+             "instance_mask": torch.ones(1, 2, dtype=torch.bool),
+             "instance_text": torch.randn(1, 2, dims["text_dim"], generator=g),
+             "clip_embeds": torch.randn(1, 2, dims["clip_dim"], generator=g),
+             "dino_embeds": torch.randn(1, 2, dims["dino_dim"], generator=g)}
+    noise = torch.randn(1, 16, 16, 16, generator=g)
+    t = torch.ones(1)
+    with torch.no_grad():
+        v = model(latents=noise, timesteps=t, guidance=torch.full_like(t, 3.5), **batch).velocity
+        v0 = model(latents=noise, timesteps=t, guidance=torch.full_like(t, 3.5),
+                   **{**batch, "instance_mask": torch.zeros(1, 2, dtype=torch.bool)}).velocity
+    guided = sample_latents(model, batch, noise, steps=1, shift=None, guidance=3.5, layout_guidance=3.0)
+    assert (v - v0).abs().max() > 1e-3  # the layout matters, so the check below can fail
+    torch.testing.assert_close(guided, noise - (v0 + 3.0 * (v - v0)), rtol=1e-4, atol=1e-5)

@@ -9,7 +9,7 @@ import time
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mpp.toy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mpp toy", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     raw = sub.add_parser("raw", help="write toy scenes as a raw dataset")
     raw.add_argument("root")

@@ -54,6 +54,7 @@ def test_components_orthonormal_and_sign_fixed(codec):
 def test_fit_deterministic(world, codec):
     again = PatchCodec.fit(_images(world, range(10_000_000, 10_000_128)))
     assert torch.equal(again.components, codec.components) and torch.equal(again.mean, codec.mean)
+    assert torch.equal(again.channel_std, codec.channel_std)
     assert again.config == codec.config
 
 
@@ -61,7 +62,10 @@ def test_scaled_latents_standardised(codec, held_out):
     z = (codec.encode(held_out) - codec.config.shift_factor) * codec.config.scaling_factor
     assert abs(z.mean().item()) < 0.1
     assert 0.85 < z.std().item() < 1.15
-    assert codec.config.scaling_factor != 1.0
+    # whitened: every channel near unit variance, though the raw PCA variances fall by ~100×
+    per_channel = z.std(dim=(0, 2, 3))
+    assert ((per_channel > 0.7) & (per_channel < 1.3)).all(), per_channel
+    assert (codec.channel_std[1:] <= codec.channel_std[:-1]).all() and codec.channel_std[0] > 5 * codec.channel_std[-1]
 
 
 def test_save_load_round_trip(codec, held_out, tmp_path):

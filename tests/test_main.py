@@ -1,0 +1,20 @@
+"""The `mpp` entry point dispatches to each tool with the rest of the command line."""
+
+import pytest
+
+from mpp.__main__ import main
+
+
+@pytest.mark.parametrize("tool", ["prepare", "generate", "evaluate", "toy", "fit"])
+def test_each_command_reaches_its_tool(tool, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([tool, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert {"prepare": "run", "generate": "--layouts", "evaluate": "--generated", "toy": "models",
+            "fit": "--trainer"}[tool] in out
+
+
+def test_unknown_command_prints_usage(capsys):
+    assert main(["train"]) == 2
+    assert "mpp generate" in capsys.readouterr().err
