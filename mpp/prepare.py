@@ -251,7 +251,7 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
     encoders = encoders or toy_encoder_settings(models_dir)
     existing = read_prepare_info(output)
     if existing is not None and existing.get("encoders") != encoders.identity():
-        # the toy models were rebuilt (new format or pretraining budget): the prepared tensors are stale
+        # the toy encoders were rebuilt (a new bundle format, another codec fit): the tensors are stale
         log.warning("%s: toy data was prepared with other toy models; preparing it again", output)
         for name in os.listdir(output):
             if name != "source":
