@@ -8,6 +8,7 @@ from PIL import Image
 from mpp.cli import main as cli_main
 from mpp.__main__ import main as mpp_main
 from mpp.generate import read_layouts, sample_latents
+from tests.helpers import toy_conditioning
 from tests.test_training import fit_args
 
 
@@ -73,14 +74,8 @@ def test_layout_guidance_extrapolates_from_the_same_model_without_instances(toy_
         for p in model.parameters():
             if not p.any():
                 p.normal_(0, 0.05)
-    dims = embedding_dims(toy_settings)
     g = torch.Generator().manual_seed(1)
-    batch = {"prompt_embeds": torch.randn(1, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
-             "boxes": torch.tensor([[[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.9]]]),
-             "instance_mask": torch.ones(1, 2, dtype=torch.bool),
-             "instance_text": torch.randn(1, 2, dims["text_dim"], generator=g),
-             "clip_embeds": torch.randn(1, 2, dims["clip_dim"], generator=g),
-             "dino_embeds": torch.randn(1, 2, dims["dino_dim"], generator=g)}
+    batch = toy_conditioning(1, 2, g, txt_len=8)
     noise = torch.randn(1, 16, 16, 16, generator=g)
     t = torch.ones(1)
     with torch.no_grad():

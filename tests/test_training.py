@@ -19,7 +19,7 @@ from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.nn.model import STAGE_GROUPS
 from mpp.prepare import toy_encoder_settings
-from tests.helpers import Recorder
+from tests.helpers import Recorder, toy_conditioning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,12 +221,8 @@ def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
     trained = cli.model.model.eval()
     assert settings == cli.model.encoder_settings and sampler.guidance == cli.model.hparams.guidance
     g = torch.Generator().manual_seed(0)
-    b, n = 2, 3
-    inputs = dict(latents=torch.randn(b, 16, 16, 16, generator=g), timesteps=torch.rand(b, generator=g),
-                  prompt_embeds=torch.randn(b, 32, 32, generator=g), pooled_prompt_embeds=torch.randn(b, 32, generator=g),
-                  boxes=torch.tensor([[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.9], [0.0, 0.0, 0.3, 0.3]]).expand(b, n, 4),
-                  instance_mask=torch.ones(b, n, dtype=torch.bool), instance_text=torch.randn(b, n, 32, generator=g),
-                  clip_embeds=torch.randn(b, n, 32, generator=g), dino_embeds=torch.randn(b, n, 32, generator=g))
+    inputs = dict(latents=torch.randn(2, 16, 16, 16, generator=g), timesteps=torch.rand(2, generator=g),
+                  **toy_conditioning(2, 3, g))
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).velocity, trained(**inputs).velocity, rtol=0, atol=0)
 
