@@ -42,7 +42,7 @@ __all__ = [
     "PRETRAIN_SCENES",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MARKER_NAME = "mpp_toy.json"
 FIT_INDEX_OFFSET = 10_000_000  # codec fit scenes: far from any dataset's indices
 MAX_LENGTH = 32
@@ -62,13 +62,19 @@ PRETRAIN_SCENES = 2048
 
 
 def toy_flux_config() -> dict:
-    """A tiny ``FluxTransformer2DModel`` config matching the toy encoders and the 16-channel codec."""
+    """A tiny ``FluxTransformer2DModel`` config matching the toy encoders and the 16-channel codec.
+
+    The residual stream is twice the 64 packed latent values of a token: a flow model has to carry
+    x_t through to predict ε − x0, and at width 64 that copy took the whole stream (held-out
+    text-to-image samples stayed per-patch noise; pretraining loss 0.94 after 1500 steps against
+    0.72 after 800 at width 128, at 2.5× the cost per step).
+    """
     return {
         "in_channels": 64,  # 16 latent channels packed 2×2
         "num_layers": 4,
         "num_single_layers": 2,
         "attention_head_dim": 16,
-        "num_attention_heads": 4,
+        "num_attention_heads": 8,
         "joint_attention_dim": HIDDEN,  # T5 d_model
         "pooled_projection_dim": HIDDEN,  # CLIP text hidden size (pooled output)
         "guidance_embeds": True,

@@ -45,10 +45,10 @@ log = logging.getLogger(__name__)
 PRETRAIN_INDEX_OFFSET = 20_000_000  # training scenes: disjoint from datasets (0..) and the codec fit (10M..)
 HELDOUT_INDEX_OFFSET = 30_000_000  # the fixed held-out batch behind initial_loss / final_loss
 PRETRAIN_GUIDANCE = 3.5  # what mpp's training feeds the guidance embedding
-# Budget for real use (``python -m mpp.toy models``, configs/toy.yaml): 1000 steps at batch 32, about
-# 6 minutes on one CPU thread. Not converged: sample quality still rises at 1500 steps; at 300 the
-# samples were per-patch colour noise that no layout head could place.
-DEFAULT_PRETRAIN_STEPS = 1000
+# Budget for real use (``python -m mpp.toy models``, configs/toy.yaml): 1200 steps at batch 32, about
+# 10 minutes on two CPU threads. Not converged; with fewer steps the samples are per-patch colour
+# noise that no layout head can place.
+DEFAULT_PRETRAIN_STEPS = 1200
 HELDOUT_SIZE = 64
 _ENCODE_CHUNK = 256
 
@@ -173,11 +173,10 @@ def pretrain_toy_backbone(
     """
     if steps < 0 or batch_size < 1 or num_scenes < 1:
         raise ValueError(f"need steps >= 0, batch_size >= 1 and num_scenes >= 1 (got {steps}, {batch_size}, {num_scenes})")
-    # One intra-op thread: this model is far too small to gain from more, and on a shared CPU extra
-    # threads that spin-wait make steps up to 10x slower (measured: 0.25 s/step at batch 32 with one
-    # thread; 0.25-12 s with two under load).
+    # At most two intra-op threads: at batch 32 the 128-wide toy model takes 0.74 s/step on one and
+    # 0.51 s on two; more add spin-waiting, which on a loaded CPU made steps up to 10x slower.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
         return _pretrain(Path(models_dir), world=world, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          num_scenes=num_scenes, log_every=log_every)
