@@ -39,14 +39,26 @@ def test_bf16_backbone_trains_checkpoints_and_resumes(tmp_path, monkeypatch, toy
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
 
 
-def test_fsdp_trains_checkpoints_and_resumes(tmp_path, monkeypatch, toy_models, toy_prepared):
+def test_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, monkeypatch, toy_models, toy_prepared):
     from lightning.pytorch.strategies import FSDPStrategy
+    from safetensors.torch import load_file
 
     first, resumed = _checkpoint_then_resume(
         tmp_path, monkeypatch, toy_models, toy_prepared,
+        "--trainer.callbacks+=mpp.callbacks.ExportSafetensors", "--trainer.callbacks.dirpath=runs/export",
         overlays=("configs/strategy/fsdp.yaml", "tests/conf/fast.yaml"))
     assert isinstance(resumed.trainer.strategy, FSDPStrategy)
     a = torch.load(tmp_path / "runs/checkpoints/stage1/step=0000003.ckpt", weights_only=False, map_location="cpu")
     b = torch.load(tmp_path / "runs/checkpoints/stage1/step=0000005.ckpt", weights_only=False, map_location="cpu")
     assert set(a["state_dict"]) == set(b["state_dict"])
     assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # it trained on
+    # the export holds the final weights, gathered from FSDP's flat parameters
+    final = b["state_dict"]
+    lora = load_file(tmp_path / "runs/export/lora.safetensors")
+    heads = load_file(tmp_path / "runs/export/heads.safetensors")
+    expected_lora = {"transformer." + k.removeprefix("model.backbone.").replace(".mpp", ""): v
+                     for k, v in final.items() if ".lora_" in k}
+    expected_heads = {k.removeprefix("model."): v for k, v in final.items() if ".lora_" not in k}
+    assert set(lora) == set(expected_lora) and set(heads) == set(expected_heads)
+    assert all(torch.equal(lora[k], expected_lora[k]) for k in lora)
+    assert all(torch.equal(heads[k], expected_heads[k]) for k in heads)

@@ -5,12 +5,15 @@ from dataclasses import asdict
 import lightning as L
 from safetensors.torch import save_file
 
+from mpp.nn.lora import ADAPTER_NAME
+
 
 class ExportSafetensors(L.Callback):
     """At the end of training, writes the LoRA in diffusers' format (`lora.safetensors`, loadable
     by `FluxPipeline.load_lora_weights`), the heads (`heads.safetensors`) and what it takes to
     rebuild the model without Lightning (`config.json`, read by `mpp.generate.load_exported`) to
-    `dirpath`.
+    `dirpath`. The weights come from the strategy's full state dict, so under FSDP every rank
+    hands its shards to rank 0, which writes the files.
 
     Args:
         dirpath: output folder.
@@ -20,19 +23,22 @@ class ExportSafetensors(L.Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
         if trainer.is_global_zero:
-            export(pl_module, self.dirpath)
+            export(pl_module, self.dirpath, state)
 
 
-def export(pl_module, dirpath: str) -> None:
+def export(pl_module, dirpath: str, state: dict) -> None:
+    """Writes the export of `pl_module` with the weights of `state`, its full state dict."""
     from diffusers import FluxPipeline
 
+    owned = pl_module.owned_keys()
     os.makedirs(dirpath, exist_ok=True)
-    lora = {k: v.detach().cpu().contiguous() for k, v in pl_module.model.lora_state_dict().items()}
+    # peft's saved names: relative to the transformer, without the adapter's name
+    lora = {k.removeprefix("model.backbone.").replace(f".{ADAPTER_NAME}.", "."): state[k].detach().cpu().contiguous()
+            for k in sorted(owned) if ".lora_" in k}
     if lora:
         FluxPipeline.save_lora_weights(dirpath, transformer_lora_layers=lora, weight_name="lora.safetensors")
-    owned = pl_module.owned_keys()
-    state = pl_module.state_dict()
     heads = {k.removeprefix("model."): state[k].detach().cpu().contiguous() for k in sorted(owned) if ".lora_" not in k}
     save_file(heads, os.path.join(dirpath, "heads.safetensors"), metadata={"stage": str(pl_module.stage)})
     hp = pl_module.hparams
