@@ -1,9 +1,14 @@
 """Toy-world quality: stage 1 with the layout head versus the same training without it (text-only
-baseline), each for a fixed CPU budget, evaluated on held-out layouts from another world seed.
+baseline), each for a fixed CPU budget, evaluated on held-out layouts of another layout seed.
 
-    python bench/toy_quality.py [--minutes 15] [--layouts 48] [--eval_seed 1] [--steps 28]
+    python bench/toy_quality.py [--minutes 15] [--layouts 48] [--eval_seed 1] [--identity_seed 0] [--steps 28]
                                 [--arms layout,text_only] [--workdir .cache/bench/toy_quality]
                                 [--models .cache/toy/models] [-- extra CLI overrides for both arms]
+
+The held-out layouts are scenes of another layout seed with the training world's characters (its
+identity seed, 0): placement of the characters the model was trained on, as a user lays out a known
+cast. `--identity_seed 1` asks for another world's characters instead: every one of them an unseen
+combination of colour, shape and texture, one colour ("orange") never named in training.
 
 Prints one JSON line: per arm the steps trained, the placement mIoU and success at IoU ≥ 0.5, and
 the ratio of the two mIoUs. Each arm runs in <workdir>/<arm>, on a dataset prepared in <workdir>/data;
@@ -34,13 +39,14 @@ COMMON = ["--model.lr=1e-3"]
 ARMS = {"layout": [], "text_only": ["--model.heads.use_layout_head=false", "--model.heads.lora_scope=all"]}
 
 
-def write_layouts(path: str, *, seed: int, count: int, image_size: int = 128) -> None:
-    """Held-out layouts as generation takes them: each foreground instance with its identity's
+def write_layouts(path: str, *, seed: int, count: int, identity_seed: int = 0, image_size: int = 128) -> None:
+    """Held-out layouts as generation takes them: scenes of layout seed ``seed`` with the characters
+    of ``identity_seed`` (the training world's), each foreground instance with its identity's
     reference image (refs/ beside the file), as a user asks for a known character; background
     elements with their caption only."""
     from PIL import Image
 
-    world = ToyWorld(image_size=image_size, seed=seed)
+    world = ToyWorld(image_size=image_size, seed=seed, identity_seed=identity_seed)
     refs = os.path.join(os.path.dirname(path), "refs")
     os.makedirs(refs, exist_ok=True)
     with open(path, "w") as f:
@@ -99,7 +105,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=15.0, help="training budget per arm")
     p.add_argument("--layouts", type=int, default=48, help="held-out layouts to generate")
-    p.add_argument("--eval_seed", type=int, default=1, help="world seed of the held-out layouts")
+    p.add_argument("--eval_seed", type=int, default=1, help="layout seed of the held-out scenes")
+    p.add_argument("--identity_seed", type=int, default=0,
+                   help="whose characters the held-out scenes show (0: the training world's)")
     p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
     p.add_argument("--arms", default=",".join(ARMS), help="which arms to run, comma-separated")
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_quality"))
@@ -112,7 +120,7 @@ def main() -> None:
     root, models = os.path.abspath(a.workdir), os.path.abspath(a.models)
     layouts_path = os.path.join(root, "layouts.jsonl")
     os.makedirs(root, exist_ok=True)
-    write_layouts(layouts_path, seed=a.eval_seed, count=a.layouts)
+    write_layouts(layouts_path, seed=a.eval_seed, identity_seed=a.identity_seed, count=a.layouts)
     start = time.perf_counter()
     results = {name: run_arm(name, [*COMMON, *ARMS[name], *a.overrides], minutes=a.minutes, layouts_path=layouts_path,
                              steps=a.steps, root=root, models=models)
@@ -120,7 +128,8 @@ def main() -> None:
     ratio = None
     if {"layout", "text_only"} <= set(results) and results["text_only"]["miou"]:
         ratio = round(results["layout"]["miou"] / results["text_only"]["miou"], 2)
-    print(json.dumps({"minutes_per_arm": a.minutes, **results, "miou_ratio": ratio, "overrides": a.overrides,
+    print(json.dumps({"minutes_per_arm": a.minutes, "eval_seed": a.eval_seed, "identity_seed": a.identity_seed,
+                      **results, "miou_ratio": ratio, "overrides": a.overrides,
                       "total_seconds": round(time.perf_counter() - start, 1)}))
 
 

@@ -3,6 +3,8 @@
 Every scene is a pure function of ``(seed, index)``. Some instances are foreground "characters"
 with an :class:`Identity` (shape + texture + palette) shared across scenes, so a reference image
 means something; the others are layout-only background elements (plain-colour blocks and blobs).
+The characters are drawn from ``identity_seed`` (``seed`` unless given), so held-out layouts of the
+same characters come from another ``seed`` with the training world's ``identity_seed``.
 
 Colour contract (what an evaluator relies on):
 - every instance in a scene has its own main colour (``ToyInstance.color``), drawn exactly (no
@@ -240,6 +242,7 @@ class ToyWorld:
         textured_background_prob: float = 0.5,
         seed: int = 0,
         foreground_prob: float = 0.6,
+        identity_seed: int | None = None,
     ):
         if not 1 <= num_identities <= len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS):
             raise ValueError(f"num_identities must be in [1, {len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS)}]")
@@ -255,6 +258,7 @@ class ToyWorld:
         self.max_box = int(max_box)
         self.textured_background_prob = float(textured_background_prob)
         self.seed = int(seed)
+        self.identity_seed = self.seed if identity_seed is None else int(identity_seed)
         self.foreground_prob = float(foreground_prob)
         self.identities: list[Identity] = self._make_identities()
         self._by_name = {i.name: i for i in self.identities}
@@ -262,8 +266,9 @@ class ToyWorld:
     # ---------------------------------------------------------------- configuration
     @property
     def config(self) -> dict:
-        """Constructor arguments (JSON-serialisable); ``ToyWorld(**world.config)`` recreates it."""
-        return {
+        """Constructor arguments (JSON-serialisable); ``ToyWorld(**world.config)`` recreates it.
+        ``identity_seed`` appears only when it differs from ``seed``."""
+        config = {
             "image_size": self.image_size,
             "num_identities": self.num_identities,
             "min_instances": self.min_instances,
@@ -274,13 +279,16 @@ class ToyWorld:
             "seed": self.seed,
             "foreground_prob": self.foreground_prob,
         }
+        if self.identity_seed != self.seed:
+            config["identity_seed"] = self.identity_seed
+        return config
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"ToyWorld({args})"
 
     def _make_identities(self) -> list[Identity]:
-        rng = np.random.default_rng((self.seed, 0x1D))
+        rng = np.random.default_rng((self.identity_seed, 0x1D))
         colors = list(IDENTITY_COLORS)
         colors = [colors[i] for i in rng.permutation(len(colors))]
         shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]

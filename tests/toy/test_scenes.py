@@ -51,6 +51,16 @@ def test_different_seed_differs():
     assert sum(not np.array_equal(a.scene(i).image, b.scene(i).image) for i in range(5)) >= 4
 
 
+def test_identity_seed_keeps_the_characters_and_changes_the_layouts():
+    train, heldout = ToyWorld(seed=0), ToyWorld(seed=1, identity_seed=0)
+    assert heldout.identities == train.identities
+    assert ToyWorld(**heldout.config).identities == train.identities  # config round-trips
+    assert "identity_seed" not in train.config  # a plain world's config (and toy bundle marker) is unchanged
+    assert all(a.bbox != b.bbox for a, b in zip(train.scene(0).instances, heldout.scene(0).instances))
+    used = {i.identity for k in range(20) for i in heldout.scene(k).instances if i.foreground}
+    assert used <= {i.name for i in train.identities} and len(used) > 4
+
+
 def test_identities_distinct():
     w = ToyWorld(seed=0, num_identities=8)
     ids = w.identities
