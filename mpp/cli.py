@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 class MppCLI(LightningCLI):
     """`fit --ckpt_path` with a checkpoint of the same stage resumes it exactly (same TensorBoard
-    folder); with one of the previous stage it loads the weights only and starts this stage fresh."""
+    folder); with one of the previous stage it loads the weights only and starts this stage fresh.
+    `predict` needs a `--ckpt_path` of the config's stage."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.encoders", "model.encoders")
@@ -39,6 +40,16 @@ class MppCLI(LightningCLI):
         return path, info
 
     def before_instantiate_classes(self) -> None:
+        if self.config.get("subcommand") == "predict":
+            path, info = self._ckpt_info()
+            stage = self.config.predict.model.stage
+            if info is None:
+                raise ValueError("predict needs --ckpt_path: a checkpoint of the config's stage")
+            if info["stage"] != stage:
+                raise ValueError(f"--ckpt_path {path} is a stage-{info['stage']} checkpoint; predict with "
+                                 f"configs/stage{info['stage']}.yaml")
+            if self.config.predict.return_predictions is None:
+                self.config.predict.return_predictions = False  # LayoutWriter saves each image as it comes
         if self.config.get("subcommand") != "fit":
             return
         cfg = self.config.fit

@@ -60,6 +60,8 @@ class MppDataModule(L.LightningDataModule):
         max_bad_records: a run stops, listing them, once more records than this failed validation.
         seed: seed of the per-epoch shuffle.
         toy: when set, `prepare_data` builds the toy world into `root` if it is not complete.
+        predict_file: the layouts JSONL that `predict` generates (mpp.generate's format); its bad
+            lines are logged by number, kept in `predict_errors`, and skipped.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class MppDataModule(L.LightningDataModule):
         max_bad_records: int = 100,
         seed: int = 0,
         toy: ToyData | None = None,
+        predict_file: str | None = None,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -84,6 +87,8 @@ class MppDataModule(L.LightningDataModule):
         self.resolution, self.batch_size, self.val_fraction = resolution, batch_size, val_fraction
         self.num_workers, self.pin_memory, self.max_bad_records = num_workers, pin_memory, max_bad_records
         self.seed, self.toy = seed, toy
+        self.predict_file = predict_file
+        self.predict_errors: list[str] = []
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
         self.bad_records: dict[str, str] = {}
@@ -91,8 +96,11 @@ class MppDataModule(L.LightningDataModule):
         self._resume: dict | None = None
         self._sampler: ResumableShardSampler | None = None
 
+    def _predicting(self) -> bool:
+        return self.trainer is not None and self.trainer.predicting
+
     def prepare_data(self) -> None:
-        if self.toy is None:
+        if self.toy is None or self._predicting():
             return
         from mpp.prepare import prepare_toy
 
@@ -103,6 +111,8 @@ class MppDataModule(L.LightningDataModule):
             raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return  # layouts only: no prepared dataset
         manifest = os.path.join(self.root, "manifest.jsonl")
         if not os.path.exists(manifest):
             raise ValueError(f"{manifest} does not exist: prepare the dataset first (python -m mpp.prepare), "
@@ -143,7 +153,26 @@ class MppDataModule(L.LightningDataModule):
                                         drop_last=False)
         return self._loader(PreparedDataset(self.root, self.val_records), sampler)
 
+    def predict_dataloader(self) -> DataLoader:
+        """One layout of `predict_file` per step, as {"index", "layout", "resolution"}."""
+        from mpp.generate import read_layouts
+
+        if not self.predict_file:
+            raise ValueError("predict needs --data.predict_file: a JSONL of layouts")
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ValueError("predict runs on one device: pass --trainer.devices=1 --trainer.num_nodes=1")
+        layouts, self.predict_errors = read_layouts(self.predict_file, resolution=self.resolution)
+        for error in self.predict_errors:
+            log.error("skipping %s", error)
+        if not layouts:
+            raise ValueError(f"--data.predict_file {self.predict_file} has no usable layout "
+                             f"({len(self.predict_errors)} bad lines)")
+        items = [{"index": i, "layout": x, "resolution": self.resolution} for i, x in enumerate(layouts)]
+        return DataLoader(items, batch_size=None, shuffle=False)
+
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._predicting():
+            return batch
         batch = unpack(batch)
         if self.trainer is not None and self.trainer.training:
             epoch = self.trainer.current_epoch
@@ -161,6 +190,8 @@ class MppDataModule(L.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._predicting():
+            return batch
         # stored as fp16/bf16 to halve reads and transfers; computed in float32 (autocast narrows)
         return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()}
 

@@ -3,6 +3,10 @@
     python -m mpp.generate --config configs/stage1.yaml [--config configs/toy.yaml] \\
         --ckpt runs/checkpoints/stage1/step=0000600.ckpt --layouts layouts.jsonl --out generated/
 
+or through Lightning, with the same sampling code (``MppModule.predict_step``, ``LayoutWriter``)::
+
+    python main.py predict --config configs/stage1.yaml --ckpt_path ... --data.predict_file layouts.jsonl
+
 From Python, without Lightning, on what training exported:
 
     model, settings, sampler = load_exported("runs/export/stage1")
@@ -23,6 +27,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -157,33 +162,46 @@ def sample_latents(model, batch: dict, noise: Tensor, *, steps: int, shift: floa
     return euler_sample(velocity, noise, steps=steps, shift=shift)
 
 
-def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
-             sampler: Sampler) -> list[dict]:
-    """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
-    `<id>.png` and `<id>_boxes.png` (boxes coloured by the predicted α), returns one record each."""
-    os.makedirs(out_dir, exist_ok=True)
+@torch.no_grad()
+def generate_one(model, encoders: Encoders, layout: Layout, *, resolution: int, sampler: Sampler,
+                 index: int) -> tuple[np.ndarray, Tensor, int]:
+    """Samples one layout with `model` (an `mpp.nn.MppFlux`) from seed `sampler.seed + index`.
+    Returns the image (H×W×3 uint8), the predicted α per instance and the seed."""
     device = next(model.parameters()).device
     shape = (1, model.backbone.config.in_channels // 4, resolution // encoders.vae_downsample,
              resolution // encoders.vae_downsample)
     model.eval()
+    batch = encode_layout(encoders, layout)
+    seed = sampler.seed + index
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    half = torch.full((1,), 0.5, device=device)
+    alpha = model(latents=noise, timesteps=half, guidance=torch.full_like(half, sampler.guidance),
+                  **{k: batch[k] for k in CONDITIONING}).alpha[0]
+    latents = sample_latents(model, batch, noise, steps=sampler.steps, shift=sampler.shift,
+                             guidance=sampler.guidance, layout_guidance=sampler.layout_guidance)
+    return to_uint8(encoders.decode_latents(latents)[0]), alpha.cpu(), seed
+
+
+def save_generated(pixels: np.ndarray, alpha: Tensor, layout: Layout, seed: int, out_dir: str) -> dict:
+    """Writes `<id>.png` and `<id>_boxes.png` (boxes coloured by α) to `out_dir`; returns the record
+    that `generated.json` lists."""
+    os.makedirs(out_dir, exist_ok=True)
+    boxes = layout.boxes.cpu()
+    Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.id}.png"))
+    Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.id}_boxes.png"))
+    return {"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": boxes.tolist(),
+            "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
+            "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"}
+
+
+def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
+             sampler: Sampler) -> list[dict]:
+    """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
+    `<id>.png` and `<id>_boxes.png` (boxes coloured by the predicted α), returns one record each."""
     records = []
     for i, layout in enumerate(layouts):
-        batch = encode_layout(encoders, layout)
-        seed = sampler.seed + i
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-        with torch.no_grad():
-            half = torch.full((1,), 0.5, device=device)
-            alpha = model(latents=noise, timesteps=half, guidance=torch.full_like(half, sampler.guidance),
-                          **{k: batch[k] for k in CONDITIONING}).alpha[0]
-            latents = sample_latents(model, batch, noise, steps=sampler.steps, shift=sampler.shift,
-                                     guidance=sampler.guidance, layout_guidance=sampler.layout_guidance)
-            image = encoders.decode_latents(latents)[0]
-        pixels = to_uint8(image)
-        Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.id}.png"))
-        Image.fromarray(draw_boxes(pixels, layout.boxes, alpha.cpu())).save(os.path.join(out_dir, f"{layout.id}_boxes.png"))
-        records.append({"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": layout.boxes.tolist(),
-                        "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
-                        "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"})
+        pixels, alpha, seed = generate_one(model, encoders, layout, resolution=resolution, sampler=sampler, index=i)
+        records.append(save_generated(pixels, alpha, layout, seed, out_dir))
     return records
 
 

@@ -278,6 +278,17 @@ class MppModule(L.LightningModule):
                               shift=self.sampling.shift, guidance=self.hparams.guidance,
                               layout_guidance=self.sampling.layout_guidance)
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Samples one layout of `data.predict_file` with `sampling` (seed `sampling.seed` + its index);
+        `mpp.callbacks.LayoutWriter` writes what this returns."""
+        from mpp.generate import Sampler, generate_one
+
+        sampler = Sampler(steps=self.sampling.steps, shift=self.sampling.shift, guidance=self.hparams.guidance,
+                          seed=self.sampling.seed, layout_guidance=self.sampling.layout_guidance)
+        pixels, alpha, seed = generate_one(self.model, self.encoders, batch["layout"], resolution=batch["resolution"],
+                                           sampler=sampler, index=batch["index"])
+        return {"layout": batch["layout"], "pixels": pixels, "alpha": alpha, "seed": seed}
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
             # Lightning's FSDP precision plugin refuses norm clipping; FSDP computes the norm across shards

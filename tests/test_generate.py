@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -62,6 +63,22 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     for name in ("shot1.png", "shot1_boxes.png", "shot5.png"):
         assert Image.open(out / name).size == (128, 128)
     assert len(report["images"][0]["alpha"]) == len(scene.instances)
+
+    # `main.py predict` runs the same generation through Lightning: the same images, the same report
+    predict = ["predict", *[x for c in configs for x in ("--config", c)], *overrides, f"--ckpt_path={ckpt}",
+               "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2", "--model.sampling.seed=0",
+               "--trainer.callbacks+=mpp.callbacks.LayoutWriter", f"--trainer.callbacks.dirpath={tmp_path / 'predicted'}"]
+    assert cli_main(predict).config.predict.return_predictions is False  # images go to disk, not memory
+    predicted = json.load(open(tmp_path / "predicted/generated.json"))
+    assert predicted["images"] == report["images"]
+    assert predicted["errors"] == report["errors"] and predicted["checkpoint"] == str(ckpt)
+    for name in ("shot1.png", "shot1_boxes.png", "shot5.png", "shot5_boxes.png"):
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "predicted" / name)))
+    no_ckpt = [a for a in predict if not a.startswith("--ckpt_path")]
+    with pytest.raises(ValueError, match="--ckpt_path"):
+        cli_main(no_ckpt)
+    with pytest.raises(ValueError, match="--data.predict_file"):
+        cli_main([a for a in predict if not a.startswith("--data.predict_file")])
 
 
 def test_layout_guidance_extrapolates_from_the_same_model_without_instances(toy_models, toy_settings):

@@ -3,7 +3,8 @@
 from mpp.callbacks.export import ExportSafetensors
 from mpp.callbacks.grad_norm import GradNorm
 from mpp.callbacks.images import ImageLogger
+from mpp.callbacks.layout_writer import LayoutWriter
 from mpp.callbacks.preemption import PreemptionCheckpoint
 from mpp.callbacks.throughput import Throughput
 
-__all__ = ["ExportSafetensors", "GradNorm", "ImageLogger", "PreemptionCheckpoint", "Throughput"]
+__all__ = ["ExportSafetensors", "GradNorm", "ImageLogger", "LayoutWriter", "PreemptionCheckpoint", "Throughput"]

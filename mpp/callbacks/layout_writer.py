@@ -1,0 +1,36 @@
+import json
+import os
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from mpp.generate import save_generated
+
+
+class LayoutWriter(BasePredictionWriter):
+    """Writes what `predict` generates: `<id>.png`, `<id>_boxes.png` (boxes coloured by α) and, at the
+    end, `generated.json` (one record per image, the checkpoint, the layouts file and its bad lines)
+    to `dirpath`.
+
+    Args:
+        dirpath: output folder.
+    """
+
+    def __init__(self, dirpath: str):
+        super().__init__(write_interval="batch")
+        self.dirpath = dirpath
+        self.records: list[dict] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.records = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        self.records.append(save_generated(prediction["pixels"], prediction["alpha"], prediction["layout"],
+                                           prediction["seed"], self.dirpath))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        data = trainer.datamodule
+        report = {"checkpoint": trainer.ckpt_path, "layouts": data.predict_file, "images": self.records,
+                  "errors": data.predict_errors}
+        with open(os.path.join(self.dirpath, "generated.json"), "w") as f:
+            json.dump(report, f, indent=1)
