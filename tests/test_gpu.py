@@ -1,8 +1,11 @@
 """Training on a CUDA device: bf16 mixed precision with a bf16 backbone, and FSDP (configs/strategy/fsdp.yaml).
 Run with `python -m pytest -m gpu` on a machine with a GPU; CI has none."""
 
+import json
+
 import pytest
 import torch
+from PIL import Image
 
 from mpp.cli import main
 from tests.test_training import fit_args, recorder
@@ -62,3 +65,21 @@ def test_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, monkeypatch, toy_
     assert set(lora) == set(expected_lora) and set(heads) == set(expected_heads)
     assert all(torch.equal(lora[k], expected_lora[k]) for k in lora)
     assert all(torch.equal(heads[k], expected_heads[k]) for k in heads)
+
+
+def test_predict_on_gpu(tmp_path, monkeypatch, toy_models, toy_prepared, toy_world):
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(1, toy_models, toy_prepared, *GPU, "--trainer.max_steps=1")
+    main(args)
+    Image.fromarray(toy_world.reference(toy_world.identities[0].name)).save(tmp_path / "ref.png")
+    lines = [{"id": f"s{i}", "prompt": s.caption,
+              "instances": [{"bbox": list(x.bbox), "caption": x.caption, **({"reference": "ref.png"} if x.foreground else {})}
+                            for x in s.instances]}
+             for i, s in enumerate(toy_world.scene(k) for k in (3, 4))]
+    (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    main(["predict", *args[1:], "--ckpt_path=runs/checkpoints/stage1/step=0000001.ckpt",
+          "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2",
+          "--trainer.callbacks+=mpp.callbacks.LayoutWriter", "--trainer.callbacks.dirpath=out"])
+    report = json.load(open(tmp_path / "out/generated.json"))
+    assert [r["id"] for r in report["images"]] == ["s0", "s1"] and not report["errors"]
+    assert Image.open(tmp_path / "out/s0_boxes.png").size == (128, 128)
