@@ -26,7 +26,7 @@ import torch
 
 from mpp.cli import main as fit
 from mpp.evaluate import ToyColorDetector, evaluate, load_generated
-from mpp.generate import Sampler, generate, load_module, read_layouts
+from mpp.generate import generate, load_module, read_layouts, write_report
 from mpp.toy.scenes import ToyWorld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,11 +90,9 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
     if errors:
         raise ValueError(f"bad held-out layouts: {errors}")
     out = os.path.join(workdir, "generated")
-    sampler = Sampler(steps=steps, shift=module.sampling.shift, guidance=module.hparams.guidance,
-                      layout_guidance=module.sampling.layout_guidance)
+    sampler = module.sampler(steps=steps, seed=0)
     records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampler=sampler)
-    with open(os.path.join(out, "generated.json"), "w") as f:
-        json.dump({"checkpoint": ckpt, "images": records}, f)
+    write_report(out, records, checkpoint=ckpt, layouts=layouts_path)
     images, scored, references = load_generated(out, layouts_path)
     result = evaluate(images, scored, ToyColorDetector(), references=references, encoders=module.encoders)
     return {"steps": cli.trainer.global_step, "train_seconds": round(train_seconds, 1),

@@ -194,6 +194,15 @@ def save_generated(pixels: np.ndarray, alpha: Tensor, layout: Layout, seed: int,
             "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"}
 
 
+def write_report(out_dir: str, records: list[dict], *, checkpoint: str, layouts: str,
+                 errors: list[str] | None = None) -> None:
+    """Writes `<out_dir>/generated.json`: the checkpoint, the layouts file, one record per image and the
+    layouts file's bad lines (what `mpp evaluate` reads back)."""
+    report = {"checkpoint": checkpoint, "layouts": layouts, "images": records, "errors": errors or []}
+    with open(os.path.join(out_dir, "generated.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
              sampler: Sampler) -> list[dict]:
     """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
@@ -274,11 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     layouts, errors = read_layouts(a.layouts, resolution=resolution)
     for e in errors:
         log.error("skipping %s", e)
-    sampler = Sampler(steps=a.steps or module.sampling.steps, shift=module.sampling.shift,
-                      guidance=module.hparams.guidance, seed=a.seed, layout_guidance=module.sampling.layout_guidance)
+    sampler = module.sampler(steps=a.steps or module.sampling.steps, seed=a.seed)
     records = generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampler=sampler)
-    with open(os.path.join(a.out, "generated.json"), "w") as f:
-        json.dump({"checkpoint": a.ckpt, "layouts": a.layouts, "images": records, "errors": errors}, f, indent=1)
+    write_report(a.out, records, checkpoint=a.ckpt, layouts=a.layouts, errors=errors)
     log.info("wrote %d images to %s (%d bad lines skipped)", len(records), a.out, len(errors))
     return 1 if errors and not records else 0
 

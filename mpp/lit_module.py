@@ -278,15 +278,19 @@ class MppModule(L.LightningModule):
                               shift=self.sampling.shift, guidance=self.hparams.guidance,
                               layout_guidance=self.sampling.layout_guidance)
 
+    def sampler(self, **overrides):
+        """`sampling` and `guidance` as `mpp.generate.Sampler`, with `overrides` of its fields."""
+        from mpp.generate import Sampler
+
+        return Sampler(**{**asdict(self.sampling), "guidance": self.hparams.guidance, **overrides})
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Samples one layout of `data.predict_file` with `sampling` (seed `sampling.seed` + its index);
         `mpp.callbacks.LayoutWriter` writes what this returns."""
-        from mpp.generate import Sampler, generate_one
+        from mpp.generate import generate_one
 
-        sampler = Sampler(steps=self.sampling.steps, shift=self.sampling.shift, guidance=self.hparams.guidance,
-                          seed=self.sampling.seed, layout_guidance=self.sampling.layout_guidance)
         pixels, alpha, seed = generate_one(self.model, self.encoders, batch["layout"], resolution=batch["resolution"],
-                                           sampler=sampler, index=batch["index"])
+                                           sampler=self.sampler(), index=batch["index"])
         return {"layout": batch["layout"], "pixels": pixels, "alpha": alpha, "seed": seed}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -1,10 +1,7 @@
-import json
-import os
-
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mpp.generate import save_generated
+from mpp.generate import save_generated, write_report
 
 
 class LayoutWriter(BasePredictionWriter):
@@ -30,7 +27,5 @@ class LayoutWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
-        report = {"checkpoint": trainer.ckpt_path, "layouts": data.predict_file, "images": self.records,
-                  "errors": data.predict_errors}
-        with open(os.path.join(self.dirpath, "generated.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        write_report(self.dirpath, self.records, checkpoint=trainer.ckpt_path, layouts=data.predict_file,
+                     errors=data.predict_errors)
