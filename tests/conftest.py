@@ -1,4 +1,7 @@
 import os
+import random
+
+import numpy as np
 
 import pytest
 import torch
@@ -13,6 +16,14 @@ def _one_thread():
     """Tiny models are bound by per-op overhead: one intra-op thread is faster on a small machine
     and immune to oversubscription when something else runs beside the tests."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, whatever ran before it (order-independent)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
