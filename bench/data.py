@@ -41,7 +41,8 @@ def main() -> None:
 
     dm = MppDataModule(a.root, encoders=toy_encoder_settings(a.models), resolution=128, batch_size=a.batch_size,
                        num_workers=a.num_workers, pin_memory=False, val_fraction=0.01,
-                       toy=ToyData(models_dir=a.models, num_samples=a.samples, image_size=128, pretrain_steps=0))
+                       toy=ToyData(models_dir=a.models, num_samples=a.samples, image_size=128, pretrain_steps=0,
+                                    vision_steps=0))
     dm.prepare_data()
     dm.setup("fit")
     records = read_manifest(os.path.join(a.root, "manifest.jsonl"))

@@ -39,14 +39,16 @@ COMMON = ["--model.lr=1e-3"]
 ARMS = {"layout": [], "text_only": ["--model.heads.use_layout_head=false", "--model.heads.lora_scope=all"]}
 
 
-def write_layouts(path: str, *, seed: int, count: int, identity_seed: int = 0, image_size: int = 128) -> None:
+def write_layouts(path: str, *, seed: int, count: int, identity_seed: int = 0, image_size: int = 128,
+                  num_identities: int = 32, world: ToyWorld | None = None) -> None:
     """Held-out layouts as generation takes them: scenes of layout seed ``seed`` with the characters
-    of ``identity_seed`` (the training world's), each foreground instance with its identity's
-    reference image (refs/ beside the file), as a user asks for a known character; background
-    elements with their caption only."""
+    of ``identity_seed`` (the training world's), or of ``world`` when given, each foreground instance
+    with its identity's reference image (refs/ beside the file) and its ``identity`` name (for the
+    toy judge), as a user asks for a known character; background elements with their caption only."""
     from PIL import Image
 
-    world = ToyWorld(image_size=image_size, seed=seed, identity_seed=identity_seed)
+    world = world or ToyWorld(image_size=image_size, seed=seed, identity_seed=identity_seed,
+                              num_identities=num_identities)
     refs = os.path.join(os.path.dirname(path), "refs")
     os.makedirs(refs, exist_ok=True)
     with open(path, "w") as f:
@@ -57,6 +59,7 @@ def write_layouts(path: str, *, seed: int, count: int, identity_seed: int = 0, i
                 inst = {"bbox": list(x.bbox), "caption": x.caption, "color": list(x.color)}
                 if x.foreground:
                     inst["reference"] = f"refs/{x.identity}.png"
+                    inst["identity"] = x.identity
                     Image.fromarray(world.reference(x.identity)).save(os.path.join(refs, f"{x.identity}.png"))
                 instances.append(inst)
             f.write(json.dumps({"id": scene.id, "prompt": scene.caption, "instances": instances}) + "\n")

@@ -16,6 +16,7 @@ from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
 from mpp.data.sampler import ResumableShardSampler
 from mpp.encoders import EncoderSettings
 from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
+from mpp.toy.vision import VISION_PRETRAIN_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ class ToyData:
         image_size: side of the square toy images.
         pretrain_steps: text-to-image pretraining of the toy backbone (it stands in for FLUX's
             pretraining; 0 leaves it random).
+        vision_steps: pretraining of the toy CLIP vision and DINOv2 encoders to see identity
+            (they stand in for the real ones; 0 leaves them random).
+        num_identities: the world's characters (colour × shape × texture combinations; enough of
+            them that each attribute is seen in many combinations, so a reference can teach an
+            unseen one).
     """
 
     models_dir: str = ".cache/toy/models"
@@ -38,6 +44,8 @@ class ToyData:
     seed: int = 0
     image_size: int = 128
     pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
+    vision_steps: int = VISION_PRETRAIN_STEPS
+    num_identities: int = 32
 
 
 def is_validation(sample_id: str, fraction: float) -> bool:
@@ -106,7 +114,8 @@ class MppDataModule(L.LightningDataModule):
 
         t = self.toy
         result = prepare_toy(self.root, models_dir=t.models_dir, num_samples=t.num_samples, seed=t.seed,
-                             image_size=t.image_size, pretrain_steps=t.pretrain_steps, encoders=self.encoders)
+                             image_size=t.image_size, pretrain_steps=t.pretrain_steps, vision_steps=t.vision_steps,
+                             num_identities=t.num_identities, encoders=self.encoders)
         if result.errors:
             raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")
 

@@ -174,9 +174,8 @@ def generate_one(model, encoders: Encoders, layout: Layout, *, resolution: int, 
     batch = encode_layout(encoders, layout)
     seed = sampler.seed + index
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    half = torch.full((1,), 0.5, device=device)
-    alpha = model(latents=noise, timesteps=half, guidance=torch.full_like(half, sampler.guidance),
-                  **{k: batch[k] for k in CONDITIONING}).alpha[0]
+    alpha = model.instance_alpha(batch["boxes"], batch["instance_mask"], batch["clip_embeds"], batch["dino_embeds"],
+                                 batch["instance_text"])[0]
     latents = sample_latents(model, batch, noise, steps=sampler.steps, shift=sampler.shift,
                              guidance=sampler.guidance, layout_guidance=sampler.layout_guidance)
     return to_uint8(encoders.decode_latents(latents)[0]), alpha.cpu(), seed

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from mpp.data.dataset import CONDITIONING
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
-from mpp.flow import flow_matching_loss, noisy_latents, sample_timesteps
-from mpp.losses import alpha_bce, identity_loss
+from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
+from mpp.losses import alpha_loss, alpha_metrics, identity_loss, identity_weights
 from mpp.nn import MppFlux, build_backbone, set_trainable
 from mpp.nn.model import STAGE_GROUPS
 
@@ -40,12 +40,26 @@ class Heads:
 
 @dataclass
 class Loss:
-    """Loss weights and the timestep sampler (DESIGN.md section 4)."""
+    """Loss weights and the timestep sampler (DESIGN.md section 4).
+
+    Args:
+        flow_weight: weight of the flow-matching MSE.
+        dino_identity_weight: weight of the DINO identity loss (0: off).
+        dino_t_threshold: the identity loss judges x̂0 = x_t − t·v̂ only for t below this.
+        dino_own_timesteps: the identity term runs its own forward of `dino_samples` samples of each
+            micro-batch at t ~ U(0, dino_t_threshold), so every step carries identity signal; False
+            judges the flow batch's samples that happen to fall below the threshold (no extra forward;
+            with shift 3 about 14 % of samples, so most micro-batches of 2 carry none).
+        dino_samples: samples per micro-batch in the identity forward (those with a foreground instance first).
+        alpha_bce_weight: BCE (on the logit) of α toward each instance's role; acts where α trains (stage 1).
+    """
 
     flow_weight: float = 1.0
     dino_identity_weight: float = 0.0
     dino_t_threshold: float = 0.5
-    alpha_bce_weight: float = 0.0
+    dino_own_timesteps: bool = True
+    dino_samples: int = 2
+    alpha_bce_weight: float = 1.0
     timestep_sampler: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -207,7 +221,8 @@ class MppModule(L.LightningModule):
         guidance = torch.full_like(t, self.hparams.guidance)
         return self.model(latents=latents, timesteps=t, guidance=guidance, **{k: batch[k] for k in CONDITIONING})
 
-    def _losses(self, batch: dict, noise: Tensor, t: Tensor, prefix: str) -> dict[str, Tensor]:
+    def _losses(self, batch: dict, noise: Tensor, t: Tensor, prefix: str,
+                g: torch.Generator | None = None) -> dict[str, Tensor]:
         x0 = batch["latents"]
         x_t = noisy_latents(x0, noise, t)
         out = self(x_t, t, batch)
@@ -215,28 +230,49 @@ class MppModule(L.LightningModule):
         flow = flow_matching_loss(out.velocity, x0, noise)
         logs = {f"{prefix}loss/flow_matching": flow, f"{prefix}loss/reconstruction": flow}
         total = cfg.flow_weight * flow
+        roles, valid = batch["foreground"], batch["instance_mask"]
         if cfg.dino_identity_weight > 0:
-            ident = identity_loss(x_t, t, out.velocity, boxes=batch["boxes"], instance_mask=batch["instance_mask"],
-                                  alpha=out.alpha, reference_dino=batch["dino_embeds"], encoders=self.encoders,
-                                  t_threshold=cfg.dino_t_threshold, margin=self.encoder_settings.crop_margin)
+            ident = self._identity(batch, noise, t, x_t, out, g)
             if ident is not None:
                 total = total + cfg.dino_identity_weight * ident[0]
                 logs[f"{prefix}loss/dino_identity"] = ident[0]
                 logs[f"{prefix}metrics/dino_similarity_mean"] = ident[1]
-        if cfg.alpha_bce_weight > 0:
-            bce = alpha_bce(out.alpha, batch["foreground"], batch["instance_mask"])
-            if bce is not None:
+        bce = alpha_loss(out.alpha_logit, roles, valid)
+        if bce is not None:
+            logs[f"{prefix}loss/alpha_bce"] = bce
+            if cfg.alpha_bce_weight > 0 and "alpha" in STAGE_GROUPS[self.stage]:
                 total = total + cfg.alpha_bce_weight * bce
-                logs[f"{prefix}loss/alpha_bce"] = bce
         logs[f"{prefix}loss/total"] = total
-        valid = batch["instance_mask"]
-        if valid.any():
-            a = out.alpha[valid].detach()
-            logs[f"{prefix}metrics/alpha_mean"] = a.mean()
-            logs[f"{prefix}metrics/alpha_fg_ratio"] = (a > 0.5).float().mean()
+        logs.update({f"{prefix}metrics/{k}": v for k, v in alpha_metrics(out.alpha, roles, valid).items()})
         if out.feedback_magnitude is not None:
             logs[f"{prefix}metrics/feedback_magnitude"] = out.feedback_magnitude.detach()
         return logs
+
+    def _identity(self, batch: dict, noise: Tensor, t: Tensor, x_t: Tensor, out, g: torch.Generator | None):
+        """The identity term (loss, similarity) or None; see `Loss.dino_own_timesteps`."""
+        cfg = self.loss_cfg
+        weights = identity_weights(out.alpha, batch["foreground"], batch["instance_mask"])
+        if not cfg.dino_own_timesteps:
+            sel = t < cfg.dino_t_threshold
+            x0_hat = predicted_x0(x_t[sel], t[sel], out.velocity[sel])
+            return self._identity_on(x0_hat, batch, sel.nonzero().flatten(), weights)
+        carrying = (weights > 0).any(-1)
+        order = torch.argsort((~carrying).to(torch.uint8), stable=True)[: cfg.dino_samples]
+        idx = order[carrying[order]]
+        if not len(idx):
+            return None
+        g = g or torch.Generator().manual_seed(0)
+        t_id = (torch.rand(len(idx), generator=g) * cfg.dino_t_threshold).to(t)
+        sub = {k: batch[k][idx] for k in CONDITIONING}
+        x_t_id = noisy_latents(batch["latents"][idx], noise[idx], t_id)
+        v = self(x_t_id, t_id, sub).velocity
+        return self._identity_on(predicted_x0(x_t_id, t_id, v), batch, idx, weights)
+
+    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor):
+        return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights[idx],
+                             reference_dino=batch["dino_embeds"][idx], encoders=self.encoders,
+                             margin=self.encoder_settings.crop_margin,
+                             gradient_checkpointing=self.heads.gradient_checkpointing)
 
     def _noise_and_t(self, x0: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         noise = torch.randn(x0.shape, generator=g).to(x0)
@@ -254,7 +290,7 @@ class MppModule(L.LightningModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # modality dropout draws from here, per step
             torch.manual_seed(_seed(self.hparams.seed, step, self.global_rank, 1))
-            logs = self._losses(batch, noise, t, prefix="")
+            logs = self._losses(batch, noise, t, prefix="", g=self._generator(step, self.global_rank, 2))
         self.log_dict(logs, prog_bar=False, batch_size=len(batch["ids"]))
         self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=len(batch["ids"]))
         return logs["loss/total"]
@@ -264,8 +300,12 @@ class MppModule(L.LightningModule):
             return
         # the same noise and timesteps at every validation, so val/loss is comparable across steps
         noise, t = self._noise_and_t(batch["latents"], self._generator(-1, batch_idx, self.global_rank))
-        logs = self._losses(batch, noise, t, prefix="val/")
-        self.log("val/loss", logs["val/loss/flow_matching"], sync_dist=True, batch_size=len(batch["ids"]))
+        logs = self._losses(batch, noise, t, prefix="val/", g=self._generator(-1, batch_idx, self.global_rank, 2))
+        n = len(batch["ids"])
+        self.log("val/loss", logs["val/loss/flow_matching"], sync_dist=True, batch_size=n)
+        # not synced: a term can be absent from one rank's batch (no foreground instance), and a synced
+        # log that one rank skips would hang the others
+        self.log_dict({k: v for k, v in logs.items() if k != "val/loss/reconstruction"}, batch_size=n)
 
     @torch.no_grad()
     def generate(self, batch: dict, *, seed: int | None = None, steps: int | None = None) -> Tensor:

@@ -227,18 +227,22 @@ def toy_encoder_settings(models_dir: str) -> EncoderSettings:
 
 
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
-                pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, encoders: EncoderSettings | None = None, num_shards: int = 1,
+                pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, vision_steps: int = 0, num_identities: int = 8,
+                encoders: EncoderSettings | None = None, num_shards: int = 1,
                 shard_index: int = 0, progress: bool = True) -> PrepareResult:
     """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
-    `pretrain_steps`) and a toy dataset: raw scenes under output/source, prepared beside them."""
+    `pretrain_steps`, the vision encoders to see identity for `vision_steps`) and a toy dataset of a
+    world with `num_identities` characters: raw scenes under output/source, prepared beside them."""
     from mpp.toy.models import build_toy_models
     from mpp.toy.scenes import ToyWorld
 
-    world = ToyWorld(image_size=image_size, seed=seed)
-    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps)
+    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities)
+    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
     source = os.path.join(output, "source")
     marker = os.path.join(source, "toy.json")
     wanted = {"num_samples": num_samples, "seed": seed, "image_size": image_size}
+    if num_identities != 8:
+        wanted["num_identities"] = num_identities
     if os.path.exists(marker):
         with open(marker) as f:
             existing = json.load(f)

@@ -9,14 +9,15 @@ import torch
 BOXES = [[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.9], [0.0, 0.0, 0.3, 0.3]]
 
 
-def toy_conditioning(b: int, n: int, generator: torch.Generator, *, txt_len: int = 32, width: int = 32) -> dict:
-    """Random MppFlux conditioning for the toy bundle (every encoder width 32), n ≤ 3 fixed boxes."""
+def toy_conditioning(b: int, n: int, generator: torch.Generator, *, txt_len: int = 32, width: int = 32,
+                     dino_width: int = 64) -> dict:
+    """Random MppFlux conditioning for the toy bundle (text and CLIP widths 32, DINOv2 64), n ≤ 3 fixed boxes."""
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
     return {"prompt_embeds": randn(b, txt_len, width), "pooled_prompt_embeds": randn(b, width),
             "boxes": torch.tensor(BOXES[:n]).expand(b, n, 4), "instance_mask": torch.ones(b, n, dtype=torch.bool),
-            "instance_text": randn(b, n, width), "clip_embeds": randn(b, n, width), "dino_embeds": randn(b, n, width)}
+            "instance_text": randn(b, n, width), "clip_embeds": randn(b, n, width), "dino_embeds": randn(b, n, dino_width)}
 
 
 class Recorder(L.Callback):

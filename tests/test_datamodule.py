@@ -157,7 +157,8 @@ def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
     from mpp.prepare import toy_encoder_settings
 
     dm = MppDataModule(str(tmp_path / "toy"), encoders=toy_encoder_settings(toy_models), resolution=TOY_SIZE,
-                       toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE, pretrain_steps=0), num_workers=0,
+                       toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE, pretrain_steps=0,
+                                   vision_steps=0, num_identities=8), num_workers=0,
                        val_fraction=0.3)
     dm.prepare_data()
     dm.setup("fit")
@@ -199,3 +200,21 @@ def test_relative_and_absolute_paths_to_the_same_encoders_agree(toy_prepared, to
     relative = type(toy_settings)(**{**toy_settings.to_dict(), "flux": name,
                                      "clip_vision": os.path.join(name, "image_encoder"), "dino": os.path.join(name, "dino")})
     _dm(toy_prepared, relative).setup("fit")  # prepared with absolute paths, configured with relative ones
+
+
+def test_instance_roles_follow_the_flag_else_the_reference():
+    from mpp.data.dataset import instance_roles
+
+    roles = instance_roles([{"foreground": True}, {"foreground": False, "reference": "refs/a.png"},
+                            {"reference": "refs/b.png"}, {"reference": None}, {}])
+    assert roles.tolist() == [1.0, 0.0, 1.0, -1.0, -1.0]
+
+
+def test_batches_carry_the_toy_roles(toy_prepared, toy_settings):
+    dm = MppDataModule(root=toy_prepared, resolution=TOY_SIZE, batch_size=4, num_workers=0, val_fraction=0.2,
+                       encoders=toy_settings)
+    dm.setup("fit")
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    valid = batch["instance_mask"]
+    assert set(batch["foreground"][valid].tolist()) <= {0.0, 1.0}  # every toy instance is labelled
+    assert (batch["foreground"][valid] == 1).any() and (batch["foreground"][valid] == 0).any()

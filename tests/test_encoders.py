@@ -63,10 +63,10 @@ def test_image_embeds_shapes_and_dino_is_differentiable(toy_settings):
     crops = (torch.rand(3, 3, 40, 40, generator=g) * 2 - 1).requires_grad_()
     assert enc.clip_image_embeds(crops).shape == (3, 32)
     d = enc.dino_embeds(crops)
-    assert d.shape == (3, 32)
+    assert d.shape == (3, 64)  # the toy DINOv2 is 64 wide (mpp.toy.models.VISION_HIDDEN)
     # A fixed random projection: the sum of a normalised output is (almost) constant, so its
     # gradient can vanish; a projection onto a direction cannot.
-    direction = torch.randn(32, generator=g)
+    direction = torch.randn(64, generator=g)
     (d @ direction).sum().backward()
     assert crops.grad is not None and crops.grad.abs().mean() > 1e-6
 

@@ -30,7 +30,7 @@ def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settin
         for inst, src in zip(cap["instances"], raw["instances"]):
             assert [round(v * TOY_SIZE, 3) for v in inst["bbox"]] == pytest.approx(src["bbox"], abs=1e-3)
         assert load_file(sample_path(toy_prepared, "clip", r["id"]))["embeds"].shape == (n, 32)
-        assert load_file(sample_path(toy_prepared, "dino", r["id"]))["embeds"].shape == (n, 32)
+        assert load_file(sample_path(toy_prepared, "dino", r["id"]))["embeds"].shape == (n, 64)
         text = load_file(sample_path(toy_prepared, "text", r["id"]))
         assert text["prompt_embeds"].shape == (32, 32) and text["pooled_prompt_embeds"].shape == (32,)
         assert text["instance_embeds"].shape == (n, 32)

@@ -93,9 +93,9 @@ def test_fit_logs_scalars_and_images_and_checkpoints_only_mpp_weights(in_tmp, to
     assert re.fullmatch(r"stage1_\d{8}-\d{6}", os.path.basename(log_dir))
     acc = scalars(log_dir)
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss/flow_matching", "loss/reconstruction", "loss/total", "metrics/alpha_mean",
-                "metrics/alpha_fg_ratio", "metrics/feedback_magnitude", "train/grad_norm", "train/samples_per_s",
-                "val/loss"):
+    for tag in ("loss/flow_matching", "loss/reconstruction", "loss/total", "loss/alpha_bce", "metrics/alpha_mean",
+                "metrics/alpha_fg_ratio", "metrics/alpha_auc", "metrics/feedback_magnitude", "train/grad_norm",
+                "train/samples_per_s", "val/loss", "val/loss/alpha_bce", "val/metrics/alpha_auc"):
         assert tag in tags, tag
     assert any(t.startswith("lr-") for t in tags)
     images = acc.Images("images/truth_vs_generated")
@@ -147,9 +147,8 @@ def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeyp
         (tmp_path / f"s{stage}").mkdir()
         monkeypatch.chdir(tmp_path / f"s{stage}")
         extra = [f"--ckpt_path={prev_ckpt}"] if prev_ckpt else []
-        # every sample below the identity loss's t threshold, so stages 2-3 compute it at every step
-        cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2",
-                            "--model.loss.dino_t_threshold=1.0", *extra))
+        # the identity term draws its own low t: stages 2-3 compute it at every step
+        cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2", *extra))
         model = cli.model
         groups = model.model.parameter_groups()
         expected = {id(p) for g in STAGE_GROUPS[stage] for p in groups[g]}
@@ -168,7 +167,10 @@ def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeyp
         tags = set(scalars(log_dir).Tags()["scalars"])
         assert ("loss/dino_identity" in tags) == (stage >= 2)
         if stage >= 2:
-            assert "metrics/dino_similarity_mean" in tags
+            assert {"metrics/dino_similarity_mean", "val/loss/dino_identity", "val/metrics/dino_similarity_mean"} <= tags
+            acc = scalars(log_dir)
+            steps = [e.step for e in acc.Scalars("loss/flow_matching")]
+            assert [e.step for e in acc.Scalars("loss/dino_identity")] == steps  # no step without identity signal
         prev_ckpt = str(tmp_path / f"s{stage}/runs/checkpoints/stage1/step=0000002.ckpt")
         prev_state = {k: v for k, v in state.items() if k in torch.load(prev_ckpt, weights_only=False)["state_dict"]}
 

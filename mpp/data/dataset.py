@@ -53,8 +53,7 @@ class PreparedDataset(Dataset):
         text = load_file(sample_path(self.root, "text", sid))
         n = record["num_instances"]
         boxes = torch.tensor([inst["bbox"] for inst in caption["instances"]], dtype=torch.float32).reshape(-1, 4)
-        fg = torch.tensor([-1.0 if inst.get("foreground") is None else float(inst["foreground"])
-                           for inst in caption["instances"]])
+        fg = instance_roles(caption["instances"])
         sample = {
             "id": sid, "latents": latents, "boxes": boxes, "foreground": fg,
             "clip_embeds": clip, "dino_embeds": dino, "instance_text": text["instance_embeds"],
@@ -62,6 +61,13 @@ class PreparedDataset(Dataset):
         }
         validate_sample(sample, n=n, latent_shape=record["latent_shape"])
         return sample
+
+
+def instance_roles(instances: list[dict]) -> Tensor:
+    """Each instance's role for α and the identity loss: its `foreground` flag where the data has
+    one; otherwise 1 (foreground) when it has a reference image, −1 (unknown) when not."""
+    return torch.tensor([float(inst["foreground"]) if inst.get("foreground") is not None
+                         else (1.0 if inst.get("reference") else -1.0) for inst in instances], dtype=torch.float32)
 
 
 def validate_sample(sample: dict, *, n: int, latent_shape: list[int]) -> None:

@@ -28,6 +28,7 @@ class AlphaPredictor(nn.Module):
         )
 
     def forward(self, clip: Tensor, dino: Tensor, boxes: Tensor) -> Tensor:
-        """P×Dclip, P×Ddino, P×4 → P alphas in (0, 1)."""
+        """P×Dclip, P×Ddino, P×4 → P logits; α = σ(logit). The supervised loss takes the logit
+        (BCE with logits is autocast-safe, BCE on σ is not)."""
         x = torch.cat([clip, dino, box_geometry(boxes)], dim=-1)
-        return torch.sigmoid(self.mlp(x).squeeze(-1))
+        return self.mlp(x).squeeze(-1)

@@ -3,8 +3,9 @@
 A modality (CLIP image embed, DINO embed, caption text embed) is *missing* for an instance when its
 vector is all zeros; it is then replaced by a learned null vector of the same (raw) width before any
 head sees it, so the alpha predictor, instance encoder and modulation head all use the substituted
-inputs. In training mode each modality of each instance is also replaced independently with
-probability ``modality_dropout``.
+inputs. In training mode the reference (CLIP and DINO together, as generation without a reference
+image lacks both) and the caption of each instance are also dropped independently with probability
+``modality_dropout``.
 """
 
 from __future__ import annotations
@@ -32,15 +33,21 @@ class NullEmbeddings(nn.Module):
         self.dino = nn.Parameter(torch.randn(dino_dim) * 0.02)
         self.text = nn.Parameter(torch.randn(text_dim) * 0.02)
 
-    def _fill(self, x: Tensor, null: Tensor) -> Tensor:
-        missing = (x == 0).all(dim=-1)
+    def _dropped(self, x: Tensor) -> Tensor:
         if self.training and self.modality_dropout > 0:
-            missing = missing | (torch.rand(missing.shape, device=x.device) < self.modality_dropout)
+            return torch.rand(x.shape[0], device=x.device) < self.modality_dropout
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    @staticmethod
+    def _fill(x: Tensor, null: Tensor, dropped: Tensor) -> Tensor:
+        missing = (x == 0).all(dim=-1) | dropped
         return torch.where(missing[:, None], null.to(x.dtype)[None], x)
 
     def forward(self, clip: Tensor, dino: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """P×D inputs → the same with missing/dropped rows replaced by the null vectors."""
-        return self._fill(clip, self.clip), self._fill(dino, self.dino), self._fill(text, self.text)
+        reference = self._dropped(clip)
+        return (self._fill(clip, self.clip, reference), self._fill(dino, self.dino, reference),
+                self._fill(text, self.text, self._dropped(text)))
 
 
 class InstanceEncoder(nn.Module):

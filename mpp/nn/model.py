@@ -20,9 +20,11 @@ from .modulation import ModulationHead, zero_linear
 from .packing import image_ids, pack_latents, text_ids, unpack_latents
 
 GROUPS = ("alpha", "instance_encoder", "layout", "lora", "modulation", "feedback")
+# α is trained (supervised) in stage 1 only and frozen after it, so the foreground/background split
+# the identity heads are weighted by cannot drift while they learn (docs/decisions.md).
 STAGE_GROUPS = {
     1: ("alpha", "instance_encoder", "layout", "lora"),
-    2: ("alpha", "instance_encoder", "layout", "lora", "modulation"),
+    2: ("instance_encoder", "layout", "lora", "modulation"),
     3: ("feedback",),
 }
 # guidance fed to a guidance-distilled backbone (FLUX.1-dev) when the caller passes none; the same
@@ -34,6 +36,7 @@ DEFAULT_GUIDANCE = 3.5
 class MppOutput:
     velocity: Tensor  # B×C×h×w predicted flow (noise − x0)
     alpha: Tensor  # B×N in (0, 1), padding entries 0
+    alpha_logit: Tensor  # B×N logits of α (padding entries 0): what the α loss takes
     feedback_magnitude: Tensor | None  # mean ‖bridge output‖ / mean ‖instance token‖, None without bridges/instances
 
 
@@ -215,17 +218,15 @@ class MppFlux(nn.Module):
         n = boxes.shape[1]
         mask = instance_mask.bool()
         layout = build_layout(boxes.float(), mask, gh, gw)
-        alpha_out = torch.zeros(b, n, device=device)
+        alpha_out = logit_out = torch.zeros(b, n, device=device)
         inst = code = alpha = None
         if layout.num_pairs > 0:
             pb, pk = layout.pair_b, layout.pair_k
-            hdtype = self.alpha_predictor.mlp[0].weight.dtype
-            clip_p, dino_p, text_p = self.null_embeddings(
-                clip_embeds[pb, pk].to(hdtype), dino_embeds[pb, pk].to(hdtype), instance_text[pb, pk].to(hdtype)
-            )
-            box_p = boxes[pb, pk].to(hdtype)
-            alpha = self.alpha_predictor(clip_p, dino_p, box_p)
+            clip_p, dino_p, text_p, box_p = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
+            logit = self.alpha_predictor(clip_p, dino_p, box_p)
+            alpha = torch.sigmoid(logit)
             alpha_out = alpha_out.to(alpha.dtype).index_put((pb, pk), alpha)
+            logit_out = logit_out.to(logit.dtype).index_put((pb, pk), logit)
             if self.instance_encoder is not None:
                 inst = self.instance_encoder(box_p, text_p, clip_p, dino_p, alpha).to(img.dtype)
             code = self.modulation.identity_code(dino_p, clip_p)
@@ -251,7 +252,26 @@ class MppFlux(nn.Module):
         if stats:
             s = torch.stack(stats).mean(0)
             magnitude = s[0] / s[1].clamp_min(1e-12)
-        return MppOutput(velocity=velocity, alpha=alpha_out, feedback_magnitude=magnitude)
+        return MppOutput(velocity=velocity, alpha=alpha_out, alpha_logit=logit_out, feedback_magnitude=magnitude)
+
+    def _pair_inputs(self, pb: Tensor, pk: Tensor, boxes, clip_embeds, dino_embeds, instance_text):
+        """The (pb, pk) pairs' CLIP, DINO and caption embeddings (missing or dropped ones replaced by
+        the null embeddings) and boxes, in the heads' dtype."""
+        hdtype = self.alpha_predictor.mlp[0].weight.dtype
+        clip_p, dino_p, text_p = self.null_embeddings(
+            clip_embeds[pb, pk].to(hdtype), dino_embeds[pb, pk].to(hdtype), instance_text[pb, pk].to(hdtype))
+        return clip_p, dino_p, text_p, boxes[pb, pk].to(hdtype)
+
+    def instance_alpha(self, boxes: Tensor, instance_mask: Tensor, clip_embeds: Tensor, dino_embeds: Tensor,
+                       instance_text: Tensor) -> Tensor:
+        """B×N α from the heads alone (α does not depend on the latents): no backbone forward."""
+        pb, pk = instance_mask.bool().nonzero(as_tuple=True)
+        out = torch.zeros(instance_mask.shape, device=boxes.device)
+        if pb.numel() == 0:
+            return out
+        clip_p, dino_p, _, box_p = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
+        alpha = torch.sigmoid(self.alpha_predictor(clip_p, dino_p, box_p))
+        return out.to(alpha.dtype).index_put((pb, pk), alpha)
 
 
 def set_trainable(model: MppFlux, groups: Iterable[str]) -> None:

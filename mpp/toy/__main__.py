@@ -24,6 +24,10 @@ def main(argv=None) -> None:
     models.add_argument("--pretrain-steps", type=int, default=None,
                         help="text-to-image pretraining steps of the toy backbone "
                              "(default: mpp.toy.pretrain.DEFAULT_PRETRAIN_STEPS; 0 keeps it random)")
+    models.add_argument("--vision-steps", type=int, default=None,
+                        help="pretraining steps of the toy CLIP vision and DINOv2 encoders "
+                             "(default: mpp.toy.vision.VISION_PRETRAIN_STEPS; 0 keeps them random)")
+    models.add_argument("--num-identities", type=int, default=32, help="characters of the world (as configs/toy.yaml)")
     args = parser.parse_args(argv)
 
     from .scenes import ToyWorld
@@ -37,12 +41,14 @@ def main(argv=None) -> None:
 
         from .models import build_toy_models
         from .pretrain import DEFAULT_PRETRAIN_STEPS
+        from .vision import VISION_PRETRAIN_STEPS
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         steps = DEFAULT_PRETRAIN_STEPS if args.pretrain_steps is None else args.pretrain_steps
+        vision = VISION_PRETRAIN_STEPS if args.vision_steps is None else args.vision_steps
         path = build_toy_models(
-            args.cache_dir, seed=args.seed, fit_samples=args.fit_samples, overwrite=args.overwrite,
-            pretrain_steps=steps,
+            args.cache_dir, world=ToyWorld(seed=args.seed, num_identities=args.num_identities), seed=args.seed,
+            fit_samples=args.fit_samples, overwrite=args.overwrite, pretrain_steps=steps, vision_steps=vision,
         )
         print(f"toy models ready at {path} ({time.perf_counter() - start:.1f}s)")
 

@@ -4,7 +4,8 @@ Every scene is a pure function of ``(seed, index)``. Some instances are foregrou
 with an :class:`Identity` (shape + texture + palette) shared across scenes, so a reference image
 means something; the others are layout-only background elements (plain-colour blocks and blobs).
 The characters are drawn from ``identity_seed`` (``seed`` unless given), so held-out layouts of the
-same characters come from another ``seed`` with the training world's ``identity_seed``.
+same characters come from another ``seed`` with the training world's ``identity_seed``; ``cast``
+names them explicitly instead (e.g. characters no training world shows).
 
 Colour contract (what an evaluator relies on):
 - every instance in a scene has its own main colour (``ToyInstance.color``), drawn exactly (no
@@ -39,6 +40,11 @@ __all__ = [
     "BACKGROUND_TONES",
     "SHAPES",
     "TEXTURES",
+    "all_identities",
+    "background",
+    "identity_from_name",
+    "make_identity",
+    "paint_identity",
 ]
 
 Color = tuple[int, int, int]
@@ -224,6 +230,54 @@ def _write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def make_identity(color: str, shape: str, texture: str) -> Identity:
+    """The character of one colour × shape × texture combination (name ``color_texture_shape``)."""
+    if color not in IDENTITY_COLORS or shape not in SHAPES or texture not in TEXTURES:
+        raise ValueError(f"unknown identity {color!r}, {shape!r}, {texture!r}")
+    rgb = IDENTITY_COLORS[color]
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    color2 = TEXTURE_BLACK if luminance > 140 else TEXTURE_WHITE
+    words = ["a", color] + ([_TEXTURE_WORD[texture]] if _TEXTURE_WORD[texture] else []) + [shape]
+    return Identity("_".join([color, texture, shape]), shape, texture, rgb, color2, " ".join(words))
+
+
+def identity_from_name(name: str) -> Identity:
+    """Inverse of ``Identity.name``: ``"pink_dotted_hexagon"`` → that character."""
+    parts = name.split("_")
+    if len(parts) != 3:
+        raise ValueError(f"an identity name is color_texture_shape, got {name!r}")
+    return make_identity(parts[0], parts[2], parts[1])
+
+
+def all_identities() -> list[Identity]:
+    """Every colour × shape × texture combination the toy world can draw (the judge's classes)."""
+    return [make_identity(c, s, t) for c in IDENTITY_COLORS for s in SHAPES for t in TEXTURES]
+
+
+def paint_identity(canvas: np.ndarray, box, ident: Identity) -> None:
+    """Draws ``ident`` to the extents of ``box`` (xyxy pixels) on ``canvas`` in place."""
+    _paint_identity(canvas, box, ident)
+
+
+def background(rng: np.random.Generator, height: int, width: int, textured_prob: float = 0.5) -> tuple[np.ndarray, str]:
+    """A pale background (plain or textured) of the toy world, and its caption words."""
+    tone_name = list(BACKGROUND_TONES)[int(rng.integers(len(BACKGROUND_TONES)))]
+    tone = np.array(BACKGROUND_TONES[tone_name], dtype=np.uint8)
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[:] = tone
+    if rng.random() < textured_prob:
+        kind = BACKGROUND_TEXTURES[int(rng.integers(len(BACKGROUND_TEXTURES)))]
+        period = int(rng.integers(12, 25))
+        yy, xx = np.mgrid[0:height, 0:width]
+        if kind == "tiled":
+            m = ((yy // period) + (xx // period)) % 2 == 1
+        else:  # diagonal stripes of half duty
+            m = ((xx + yy) % period) < period // 2
+        image[m] = np.round(tone * BACKGROUND_DARKEN).astype(np.uint8)
+        return image, f"{tone_name} {kind}"
+    return image, tone_name
+
+
 # ------------------------------------------------------------------------------------- world
 
 
@@ -243,6 +297,7 @@ class ToyWorld:
         seed: int = 0,
         foreground_prob: float = 0.6,
         identity_seed: int | None = None,
+        cast: list[str] | None = None,
     ):
         if not 1 <= num_identities <= len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS):
             raise ValueError(f"num_identities must be in [1, {len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS)}]")
@@ -260,7 +315,13 @@ class ToyWorld:
         self.seed = int(seed)
         self.identity_seed = self.seed if identity_seed is None else int(identity_seed)
         self.foreground_prob = float(foreground_prob)
-        self.identities: list[Identity] = self._make_identities()
+        self.cast = None if cast is None else [identity_from_name(n).name for n in cast]
+        if self.cast is not None:
+            if not self.cast or len(set(self.cast)) != len(self.cast):
+                raise ValueError(f"cast must name distinct identities, got {cast}")
+            self.num_identities = len(self.cast)
+        self.identities: list[Identity] = (
+            self._make_identities() if self.cast is None else [identity_from_name(n) for n in self.cast])
         self._by_name = {i.name: i for i in self.identities}
 
     # ---------------------------------------------------------------- configuration
@@ -281,6 +342,8 @@ class ToyWorld:
         }
         if self.identity_seed != self.seed:
             config["identity_seed"] = self.identity_seed
+        if self.cast is not None:
+            config["cast"] = list(self.cast)
         return config
 
     def __repr__(self) -> str:
@@ -300,34 +363,13 @@ class ToyWorld:
         period = nc * ns * nt // np.gcd(nc, ns * nt)
         out = []
         for k in range(self.num_identities):
-            cname = colors[k % nc]
             shape, texture = combos[(k + k // period) % len(combos)]
-            color = IDENTITY_COLORS[cname]
-            luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-            color2 = TEXTURE_BLACK if luminance > 140 else TEXTURE_WHITE
-            words = ["a", cname] + ([_TEXTURE_WORD[texture]] if _TEXTURE_WORD[texture] else []) + [shape]
-            name = "_".join([cname, texture, shape])
-            out.append(Identity(name, shape, texture, color, color2, " ".join(words)))
+            out.append(make_identity(colors[k % nc], shape, texture))
         return out
 
     # ---------------------------------------------------------------- scenes
     def _background(self, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        n = self.image_size
-        tone_name = list(BACKGROUND_TONES)[int(rng.integers(len(BACKGROUND_TONES)))]
-        tone = np.array(BACKGROUND_TONES[tone_name], dtype=np.uint8)
-        image = np.empty((n, n, 3), dtype=np.uint8)
-        image[:] = tone
-        if rng.random() < self.textured_background_prob:
-            kind = BACKGROUND_TEXTURES[int(rng.integers(len(BACKGROUND_TEXTURES)))]
-            period = int(rng.integers(12, 25))
-            yy, xx = np.mgrid[0:n, 0:n]
-            if kind == "tiled":
-                m = ((yy // period) + (xx // period)) % 2 == 1
-            else:  # diagonal stripes of half duty
-                m = ((xx + yy) % period) < period // 2
-            image[m] = np.round(tone * BACKGROUND_DARKEN).astype(np.uint8)
-            return image, f"{tone_name} {kind}"
-        return image, tone_name
+        return background(rng, self.image_size, self.image_size, self.textured_background_prob)
 
     def _sample_box(self, rng: np.random.Generator, boxes: list) -> tuple[int, int, int, int] | None:
         n = self.image_size

@@ -10,7 +10,7 @@ from mpp.nn import GROUPS, STAGE_GROUPS, set_trainable
 
 STAGES = [
     (1, {"alpha", "instance_encoder", "layout", "lora"}),
-    (2, {"alpha", "instance_encoder", "layout", "lora", "modulation"}),
+    (2, {"instance_encoder", "layout", "lora", "modulation"}),  # α frozen after stage 1
     (3, {"feedback"}),
 ]
 

@@ -130,7 +130,7 @@ def test_image_encoders(toy_bundle):
     dino = Dinov2Model.from_pretrained(toy_bundle / "dino").eval()
     with torch.no_grad():
         assert clip(pixel_values=x).image_embeds.shape == (2, 32)
-        assert dino(pixel_values=x).pooler_output.shape == (2, 32)
+        assert dino(pixel_values=x).pooler_output.shape == (2, 64)
 
 
 def test_transformer_and_codec(toy_bundle):

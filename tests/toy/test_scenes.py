@@ -173,3 +173,17 @@ def test_mask_box():
     m[0, 0] = True  # one stray pixel
     assert mask_box(m) == (0, 0, 20, 15)
     assert mask_box(m, trim=0.02) == (10, 5, 20, 15)
+
+
+def test_cast_names_the_characters_and_round_trips_through_config():
+    cast = ["pink_dotted_hexagon", "orange_solid_cross", "teal_plaid_circle"]
+    world = ToyWorld(seed=4, cast=cast)
+    assert [i.name for i in world.identities] == cast and world.num_identities == 3
+    assert ToyWorld(**world.config).identities == world.identities
+    shown = {x.identity for i in range(40) for x in world.scene(i).instances if x.foreground}
+    assert shown and shown <= set(cast)
+    assert "a orange cross" in {world.identity(n).caption for n in cast}
+    with pytest.raises(ValueError, match="color_texture_shape"):
+        ToyWorld(cast=["pink_hexagon"])
+    with pytest.raises(ValueError, match="distinct"):
+        ToyWorld(cast=cast + cast[:1])

@@ -1,0 +1,215 @@
+"""Toy-world proof of the three stages: stage 1 → stage 2 (from stage 1) → stage 3 (from stage 2),
+against a control that continues stage 1 for stage 2's budget, each for a fixed CPU budget.
+
+    python bench/toy_stages.py [--minutes1 12] [--minutes2 10] [--minutes3 4] [--layouts 48] [--eval_seed 1]
+                               [--unseen 8] [--steps 28] [--workdir .cache/bench/toy_stages]
+                               [--models .cache/toy/models] [-- extra CLI overrides for every arm]
+
+Held-out layouts are scenes of layout seed `--eval_seed` whose characters are `--unseen` colour ×
+shape × texture combinations that no training scene shows (each colour, shape and texture is seen
+in training, never in that combination), each given by its reference image and named in its
+caption; background elements have their caption only. Every arm generates them and is scored on:
+
+- `miou`, `success_at_0.5`: placement of every instance (the toy colour detector);
+- `identity_accuracy`: the referenced characters' colour, shape and texture all right, by the toy
+  identity judge (`mpp.toy.judge`, a CNN trained on renders, not the encoder the loss uses; top-1
+  over all 160 combinations, chance 1/160), and each attribute's accuracy;
+- `dino_similarity`: toy-DINOv2 cosine of the generated box to its reference;
+- `alpha_auc`, `alpha_mean`, `alpha_fg_ratio`: α of each held-out instance (foreground = referenced).
+
+Learning rates are scaled for the toy's budget of minutes: every arm trains at 1e-3 (stage 1 ×10,
+stage 2 ×200, stage 3 ×100 their configs' rates); the control at stage 1's. Everything else is the
+stage configs with configs/toy.yaml. Prints one JSON line
+`{"arms": {"stage1": …, "stage1_control": …, "stage2": …, "stage3": …}, "training": …, …}` (training:
+each arm's steps, and the first and last fifth of its TensorBoard curves) and writes each arm's
+generated images (with box overlays) under <workdir>/<arm>/generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from toy_quality import write_layouts  # noqa: E402
+
+from mpp.cli import main as fit  # noqa: E402
+from mpp.evaluate import ToyColorDetector, evaluate, load_generated  # noqa: E402
+from mpp.generate import generate, load_module, read_layouts, write_report  # noqa: E402
+from mpp.losses import auc  # noqa: E402
+from mpp.toy.codec import PatchCodec  # noqa: E402
+from mpp.toy.judge import judge_instances, load_or_train_judge  # noqa: E402
+from mpp.toy.scenes import ToyWorld, all_identities  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(ROOT, "configs/toy.yaml")
+LR = "1e-3"
+TRAINING_WORLD = {"seed": 0, "num_identities": 32}  # configs/toy.yaml's data.toy
+CURVES = ("loss/flow_matching", "loss/dino_identity", "metrics/dino_similarity_mean", "metrics/alpha_mean",
+          "metrics/alpha_fg_ratio", "metrics/alpha_auc", "loss/alpha_bce", "metrics/feedback_magnitude")
+
+
+def configs(stage: int) -> list[str]:
+    return [os.path.join(ROOT, f"configs/stage{stage}.yaml"), TOY]
+
+
+def unseen_cast(count: int, seed: int) -> list[str]:
+    """`count` characters that the training world never shows, drawn with `seed`."""
+    seen = {i.name for i in ToyWorld(**TRAINING_WORLD).identities}
+    rest = [i.name for i in all_identities() if i.name not in seen]
+    rng = np.random.default_rng((seed, 0xCA57))
+    return sorted(rest[i] for i in rng.choice(len(rest), size=count, replace=False))
+
+
+def _paths(root: str, models: str) -> list[str]:
+    return [f"--data.root={os.path.join(root, 'data')}", f"--data.toy.models_dir={models}", f"--model.backbone={models}",
+            f"--data.encoders.flux={models}", f"--data.encoders.clip_vision={os.path.join(models, 'image_encoder')}",
+            f"--data.encoders.dino={os.path.join(models, 'dino')}"]
+
+
+def _max_time(minutes: float) -> str:
+    seconds = int(round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(name: str, stage: int, minutes: float, *, root: str, models: str, ckpt: str | None,
+          extra: list[str]) -> dict:
+    """Fits `stage` in <root>/<name> until `minutes` of training time (a same-stage `ckpt` resumes,
+    its time counted; a previous stage's starts from its weights); saves final.ckpt there."""
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        start = time.perf_counter()
+        cli = fit(["fit", *[a for c in configs(stage) for a in ("--config", c)], *_paths(root, models),
+                   f"--model.lr={LR}", "--trainer.max_steps=1000000", f"--trainer.max_time={_max_time(minutes)}",
+                   "--trainer.enable_progress_bar=false", *([f"--ckpt_path={ckpt}"] if ckpt else []), *extra])
+        seconds = time.perf_counter() - start
+        final = os.path.join(workdir, "final.ckpt")
+        cli.trainer.save_checkpoint(final)
+    finally:
+        os.chdir(cwd)
+    return {"stage": stage, "ckpt": final, "steps": cli.trainer.global_step, "train_seconds": round(seconds, 1),
+            "logdir": os.path.join(workdir, cli.trainer.logger.log_dir)}
+
+
+def curves(logdir: str) -> dict:
+    """First and last fifth (means) of each logged training curve of CURVES."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in CURVES:
+        if tag not in acc.Tags()["scalars"]:
+            continue
+        values = [e.value for e in acc.Scalars(tag)]
+        k = max(1, len(values) // 5)
+        out[tag] = {"first": round(float(np.mean(values[:k])), 4), "last": round(float(np.mean(values[-k:])), 4),
+                    "points": len(values)}
+    return out
+
+
+def score(arm: dict, name: str, *, root: str, models: str, layouts_path: str, judge, steps: int,
+          extra: list[str]) -> dict:
+    module, resolution = load_module(configs(arm["stage"]), arm["ckpt"], [*_paths(root, models), *extra])
+    layouts, errors = read_layouts(layouts_path, resolution=resolution)
+    if errors:
+        raise ValueError(f"bad held-out layouts: {errors}")
+    out = os.path.join(root, name, "generated")
+    sampler = module.sampler(steps=steps, seed=0)
+    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampler=sampler)
+    write_report(out, records, checkpoint=arm["ckpt"], layouts=layouts_path)
+    images, scored, references = load_generated(out, layouts_path)
+    result = evaluate(images, scored, ToyColorDetector(), references=references, encoders=module.encoders)
+    result.update(judge_instances(judge, images, scored))
+    alphas, roles = [], []
+    for record in records:
+        for inst, a in zip(scored[record["id"]]["instances"], record["alpha"]):
+            alphas.append(a)
+            roles.append(bool(inst.get("reference")))
+    alphas, roles = torch.tensor(alphas), torch.tensor(roles)
+    area = auc(alphas, roles)
+    result.update({"alpha_auc": None if area is None else round(float(area), 4),
+                   "alpha_mean": round(float(alphas.mean()), 4),
+                   "alpha_fg_ratio": round(float((alphas > 0.5).float().mean()), 4),
+                   "steps": arm["steps"], "train_seconds": arm["train_seconds"]})
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def judge_on_truth(judge, codec, world: ToyWorld, count: int) -> dict:
+    """The judge on the held-out scenes themselves, through the codec: the ceiling of what a generator can score."""
+    from mpp.toy.vision import codec_round_trip, to_tensor
+
+    scenes = [world.scene(i) for i in range(count)]
+    decoded = codec_round_trip(codec, to_tensor(np.stack([s.image for s in scenes])))
+    images = {s.id: ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+              for s, x in zip(scenes, decoded)}
+    n = world.image_size
+    layouts = {s.id: {"instances": [{"bbox": [v / n for v in inst.bbox], "identity": inst.identity}
+                                    for inst in s.instances]} for s in scenes}
+    return judge_instances(judge, images, layouts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--minutes1", type=float, default=12.0, help="stage 1's training budget")
+    p.add_argument("--minutes2", type=float, default=10.0, help="stage 2's budget, and the control's")
+    p.add_argument("--minutes3", type=float, default=4.0, help="stage 3's budget")
+    p.add_argument("--layouts", type=int, default=48, help="held-out layouts to generate")
+    p.add_argument("--eval_seed", type=int, default=1, help="layout seed of the held-out scenes")
+    p.add_argument("--unseen", type=int, default=8, help="unseen characters in the held-out scenes")
+    p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
+    p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_stages"))
+    p.add_argument("--models", default=os.path.join(ROOT, ".cache/toy/models"), help="toy model bundle")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    p.add_argument("overrides", nargs="*", help="CLI overrides for every arm, after --")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    root, models = os.path.abspath(a.workdir), os.path.abspath(a.models)
+    os.makedirs(root, exist_ok=True)
+    start = time.perf_counter()
+    cast = unseen_cast(a.unseen, a.eval_seed)
+    world = ToyWorld(seed=a.eval_seed, cast=cast)
+    layouts_path = os.path.join(root, "layouts.jsonl")
+    write_layouts(layouts_path, seed=a.eval_seed, count=a.layouts, world=world)
+
+    runs = {}
+    runs["stage1"] = train("stage1", 1, a.minutes1, root=root, models=models, ckpt=None, extra=a.overrides)
+    runs["stage1_control"] = train("stage1_control", 1, a.minutes1 + a.minutes2, root=root, models=models,
+                                   ckpt=runs["stage1"]["ckpt"], extra=a.overrides)
+    runs["stage2"] = train("stage2", 2, a.minutes2, root=root, models=models, ckpt=runs["stage1"]["ckpt"],
+                           extra=a.overrides)
+    runs["stage3"] = train("stage3", 3, a.minutes3, root=root, models=models, ckpt=runs["stage2"]["ckpt"],
+                           extra=a.overrides)
+
+    codec = PatchCodec.from_pretrained(os.path.join(models, "vae"))
+    judge, judge_report = load_or_train_judge(os.path.join(root, "judge.safetensors"), codec)
+    arms = {name: score(run, name, root=root, models=models, layouts_path=layouts_path, judge=judge, steps=a.steps,
+                        extra=a.overrides) for name, run in runs.items()}
+    s1, s2, s3, ctl = arms["stage1"], arms["stage2"], arms["stage3"], arms["stage1_control"]
+    summary = {
+        "alpha_auc_stage1": s1["alpha_auc"],
+        "alpha_fg_ratio_change_1_to_2": round(s2["alpha_fg_ratio"] - s1["alpha_fg_ratio"], 4),
+        "identity_gain_stage2_vs_control": round(s2.get("identity_accuracy", 0) - ctl.get("identity_accuracy", 0), 4),
+        "miou_stage2_minus_control": round(s2["miou"] - ctl["miou"], 4),
+        "identity_stage3_minus_stage2": round(s3.get("identity_accuracy", 0) - s2.get("identity_accuracy", 0), 4),
+    }
+    print(json.dumps({"arms": arms, "summary": summary,
+                      "training": {name: {"steps": r["steps"], "curves": curves(r["logdir"])} for name, r in runs.items()},
+                      "judge": {"renders": judge_report, "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
+                      "unseen_cast": cast, "minutes": [a.minutes1, a.minutes2, a.minutes3], "lr": LR,
+                      "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The toy vision encoders' pretraining to see identity, and the identity judge."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mpp.toy.codec import PatchCodec
+from mpp.toy.judge import judge_instances, load_or_train_judge
+from mpp.toy.scenes import IDENTITY_COLORS, ToyWorld, all_identities, color_mask, identity_from_name
+from mpp.toy.vision import identity_labels, pretrain_vision_encoders, render_crops
+
+
+def test_crops_show_the_labelled_character():
+    identities = all_identities()
+    assert len(identities) == 160 and len({i.name for i in identities}) == 160
+    assert identity_from_name("pink_dotted_hexagon") == next(i for i in identities if i.name == "pink_dotted_hexagon")
+    images, labels = render_crops(identities, 40, np.random.default_rng(0))
+    colors = list(IDENTITY_COLORS.values())
+    for image, (c, _, _) in zip(images, labels.tolist()):
+        # the labelled colour covers a good part of the crop (the shape is at least 55 % of each side)
+        assert color_mask(image, colors[c], tol=1).mean() > 0.15
+
+
+@pytest.fixture(scope="module")
+def codec(toy_bundle):
+    return PatchCodec.from_pretrained(toy_bundle / "vae")
+
+
+def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_bundle, codec, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(toy_bundle, models)
+    result = pretrain_vision_encoders(models, codec=codec, steps=150, batch_size=64, pool_size=1024)
+    for kind in ("dino", "clip"):
+        assert result[kind]["after"] > result[kind]["before"] + 0.05, result
+        assert result[kind]["after"] > 5 * result["chance"], result
+    # saved back where the encoders load from
+    from transformers import Dinov2Model
+
+    trained = Dinov2Model.from_pretrained(models / "dino")
+    original = Dinov2Model.from_pretrained(toy_bundle / "dino")
+    assert not torch.equal(trained.embeddings.cls_token, original.embeddings.cls_token)
+
+
+def test_judge_scores_the_characters_of_toy_scenes(codec, tmp_path):
+    path = tmp_path / "judge.safetensors"
+    judge, report = load_or_train_judge(path, codec, steps=150, pool_size=1024)
+    assert report["color"] > 0.9 and report["identity"] > 10 * report["chance"], report
+    again, cached = load_or_train_judge(path, codec)
+    assert cached == report
+    world = ToyWorld(seed=5, num_identities=32)
+    scenes = [world.scene(i) for i in range(12)]
+    images = {s.id: s.image for s in scenes}
+    layouts = {s.id: {"instances": [{"bbox": [v / 128 for v in x.bbox], "identity": x.identity} for x in s.instances]}
+               for s in scenes}
+    scored = judge_instances(again, images, layouts)
+    assert scored["judged"] == sum(x.foreground for s in scenes for x in s.instances) > 0
+    assert scored["color_accuracy"] > 0.8, scored
+    # labels come from the layout's identity names
+    assert identity_labels(identity_from_name("red_striped_square")) == (0, 0, 1)
