@@ -13,7 +13,7 @@ from torch import Tensor
 from mpp.data.dataset import CONDITIONING
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
-from mpp.losses import alpha_loss, alpha_metrics, identity_loss, identity_weights
+from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, identity_loss, identity_weights
 from mpp.nn import MppFlux, build_backbone, set_trainable
 from mpp.nn.model import STAGE_GROUPS
 
@@ -230,7 +230,8 @@ class MppModule(L.LightningModule):
         flow = flow_matching_loss(out.velocity, x0, noise)
         logs = {f"{prefix}loss/flow_matching": flow, f"{prefix}loss/reconstruction": flow}
         total = cfg.flow_weight * flow
-        roles, valid = batch["foreground"], batch["instance_mask"]
+        valid = batch["instance_mask"]
+        roles = alpha_targets(batch["foreground"], out.has_reference)
         if cfg.dino_identity_weight > 0:
             ident = self._identity(batch, noise, t, x_t, out, g)
             if ident is not None:
@@ -251,12 +252,12 @@ class MppModule(L.LightningModule):
     def _identity(self, batch: dict, noise: Tensor, t: Tensor, x_t: Tensor, out, g: torch.Generator | None):
         """The identity term (loss, similarity) or None; see `Loss.dino_own_timesteps`."""
         cfg = self.loss_cfg
-        weights = identity_weights(out.alpha, batch["foreground"], batch["instance_mask"])
+        weights = identity_weights(out.alpha, batch["foreground"], batch["instance_mask"], out.has_reference)
         if not cfg.dino_own_timesteps:
             sel = t < cfg.dino_t_threshold
             x0_hat = predicted_x0(x_t[sel], t[sel], out.velocity[sel])
             return self._identity_on(x0_hat, batch, sel.nonzero().flatten(), weights)
-        carrying = (weights > 0).any(-1)
+        carrying = (identity_weights(out.alpha, batch["foreground"], batch["instance_mask"]) > 0).any(-1)
         order = torch.argsort((~carrying).to(torch.uint8), stable=True)[: cfg.dino_samples]
         idx = order[carrying[order]]
         if not len(idx):
@@ -265,11 +266,13 @@ class MppModule(L.LightningModule):
         t_id = (torch.rand(len(idx), generator=g) * cfg.dino_t_threshold).to(t)
         sub = {k: batch[k][idx] for k in CONDITIONING}
         x_t_id = noisy_latents(batch["latents"][idx], noise[idx], t_id)
-        v = self(x_t_id, t_id, sub).velocity
-        return self._identity_on(predicted_x0(x_t_id, t_id, v), batch, idx, weights)
+        out_id = self(x_t_id, t_id, sub)
+        weights = identity_weights(out.alpha[idx], batch["foreground"][idx], batch["instance_mask"][idx],
+                                   out_id.has_reference)
+        return self._identity_on(predicted_x0(x_t_id, t_id, out_id.velocity), batch, idx, weights, sliced=True)
 
-    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor):
-        return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights[idx],
+    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor, sliced: bool = False):
+        return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights if sliced else weights[idx],
                              reference_dino=batch["dino_embeds"][idx], encoders=self.encoders,
                              margin=self.encoder_settings.crop_margin,
                              gradient_checkpointing=self.heads.gradient_checkpointing)

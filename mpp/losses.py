@@ -12,6 +12,13 @@ from torch.utils.checkpoint import checkpoint
 from mpp.encoders import Encoders
 
 
+def alpha_targets(roles: Tensor, has_reference: Tensor) -> Tensor:
+    """What α is trained toward: the instance's role (1 foreground, 0 background, −1 unknown) where
+    its reference reached the model, 0 where it did not (missing or dropped): with no reference there
+    is no identity to keep, which is how generation sees an instance given without one."""
+    return torch.where(has_reference, roles, torch.zeros_like(roles))
+
+
 def alpha_loss(alpha_logit: Tensor, foreground: Tensor, instance_mask: Tensor) -> Tensor | None:
     """BCE with logits of α against the labelled instances' roles (autocast-safe); None when none is
     labelled. `foreground`: 1 foreground (identity-bearing), 0 background, −1 unknown (see
@@ -22,13 +29,16 @@ def alpha_loss(alpha_logit: Tensor, foreground: Tensor, instance_mask: Tensor) -
     return F.binary_cross_entropy_with_logits(alpha_logit[labelled].float(), foreground[labelled].float())
 
 
-def identity_weights(alpha: Tensor, foreground: Tensor, instance_mask: Tensor) -> Tensor:
+def identity_weights(alpha: Tensor, foreground: Tensor, instance_mask: Tensor,
+                     has_reference: Tensor | None = None) -> Tensor:
     """Per-instance weights of the identity loss, never a path for its gradient: 1 on labelled
-    foreground instances, 0 on background and padding; an unlabelled instance counts as foreground
-    where its (detached) α says so."""
+    foreground instances, 0 on background and padding (and, given `has_reference`, on instances whose
+    reference the model did not see); an unlabelled instance counts as foreground where its
+    (detached) α says so."""
     predicted = (alpha.detach() > 0.5).float()
     role = torch.where(foreground >= 0, foreground.float(), predicted)
-    return role * instance_mask.float()
+    mask = instance_mask if has_reference is None else instance_mask & has_reference
+    return role * mask.float()
 
 
 def auc(scores: Tensor, labels: Tensor) -> Tensor | None:

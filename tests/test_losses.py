@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mpp.encoders import Encoders, crop_boxes
-from mpp.losses import (alpha_loss, alpha_metrics, auc, identity_crops, identity_loss, identity_weights,
-                        latent_windows)
+from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, identity_crops, identity_loss,
+                        identity_weights, latent_windows)
 from mpp.nn.alpha import AlphaPredictor
 
 
@@ -121,3 +121,11 @@ def test_crops_are_decoded_at_native_latent_resolution_then_resized(toy_encoders
     torch.testing.assert_close(emb, embed(reference.clamp(-1, 1)), atol=1e-5, rtol=1e-4)
     px0, py0, px1, py1 = pixel
     assert (px1 - px0, py1 - py0) == (39, 28)  # x 0.15–0.75, y 0.265–0.685 of 64 px, rounded outward
+
+
+def test_an_instance_without_its_reference_is_trained_toward_background():
+    roles = torch.tensor([[1.0, 0.0, -1.0, 1.0]])
+    seen = torch.tensor([[True, True, True, False]])  # the last one's reference was dropped or missing
+    assert alpha_targets(roles, seen).tolist() == [[1.0, 0.0, -1.0, 0.0]]
+    weights = identity_weights(torch.full((1, 4), 0.9), roles, torch.ones(1, 4, dtype=torch.bool), seen)
+    assert weights.tolist() == [[1.0, 0.0, 1.0, 0.0]]  # no identity loss toward a reference it did not see

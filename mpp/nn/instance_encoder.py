@@ -43,11 +43,13 @@ class NullEmbeddings(nn.Module):
         missing = (x == 0).all(dim=-1) | dropped
         return torch.where(missing[:, None], null.to(x.dtype)[None], x)
 
-    def forward(self, clip: Tensor, dino: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """P×D inputs → the same with missing/dropped rows replaced by the null vectors."""
-        reference = self._dropped(clip)
-        return (self._fill(clip, self.clip, reference), self._fill(dino, self.dino, reference),
-                self._fill(text, self.text, self._dropped(text)))
+    def forward(self, clip: Tensor, dino: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """P×D inputs → the same with missing/dropped rows replaced by the null vectors, and a P bool:
+        whether the instance's reference (both image embeddings) reached the heads."""
+        dropped = self._dropped(clip)
+        kept = ~(dropped | (clip == 0).all(dim=-1) | (dino == 0).all(dim=-1))
+        return (self._fill(clip, self.clip, dropped), self._fill(dino, self.dino, dropped),
+                self._fill(text, self.text, self._dropped(text)), kept)
 
 
 class InstanceEncoder(nn.Module):

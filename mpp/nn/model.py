@@ -37,6 +37,7 @@ class MppOutput:
     velocity: Tensor  # B×C×h×w predicted flow (noise − x0)
     alpha: Tensor  # B×N in (0, 1), padding entries 0
     alpha_logit: Tensor  # B×N logits of α (padding entries 0): what the α loss takes
+    has_reference: Tensor  # B×N bool: the instance's reference embeddings reached the heads (not missing, not dropped)
     feedback_magnitude: Tensor | None  # mean ‖bridge output‖ / mean ‖instance token‖, None without bridges/instances
 
 
@@ -219,10 +220,13 @@ class MppFlux(nn.Module):
         mask = instance_mask.bool()
         layout = build_layout(boxes.float(), mask, gh, gw)
         alpha_out = logit_out = torch.zeros(b, n, device=device)
+        has_reference = torch.zeros(b, n, dtype=torch.bool, device=device)
         inst = code = alpha = None
         if layout.num_pairs > 0:
             pb, pk = layout.pair_b, layout.pair_k
-            clip_p, dino_p, text_p, box_p = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
+            clip_p, dino_p, text_p, box_p, kept = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds,
+                                                                    instance_text)
+            has_reference = has_reference.index_put((pb, pk), kept)
             logit = self.alpha_predictor(clip_p, dino_p, box_p)
             alpha = torch.sigmoid(logit)
             alpha_out = alpha_out.to(alpha.dtype).index_put((pb, pk), alpha)
@@ -252,15 +256,16 @@ class MppFlux(nn.Module):
         if stats:
             s = torch.stack(stats).mean(0)
             magnitude = s[0] / s[1].clamp_min(1e-12)
-        return MppOutput(velocity=velocity, alpha=alpha_out, alpha_logit=logit_out, feedback_magnitude=magnitude)
+        return MppOutput(velocity=velocity, alpha=alpha_out, alpha_logit=logit_out, has_reference=has_reference,
+                         feedback_magnitude=magnitude)
 
     def _pair_inputs(self, pb: Tensor, pk: Tensor, boxes, clip_embeds, dino_embeds, instance_text):
         """The (pb, pk) pairs' CLIP, DINO and caption embeddings (missing or dropped ones replaced by
-        the null embeddings) and boxes, in the heads' dtype."""
+        the null embeddings) and boxes, in the heads' dtype, and whether each kept its reference."""
         hdtype = self.alpha_predictor.mlp[0].weight.dtype
-        clip_p, dino_p, text_p = self.null_embeddings(
+        clip_p, dino_p, text_p, kept = self.null_embeddings(
             clip_embeds[pb, pk].to(hdtype), dino_embeds[pb, pk].to(hdtype), instance_text[pb, pk].to(hdtype))
-        return clip_p, dino_p, text_p, boxes[pb, pk].to(hdtype)
+        return clip_p, dino_p, text_p, boxes[pb, pk].to(hdtype), kept
 
     def instance_alpha(self, boxes: Tensor, instance_mask: Tensor, clip_embeds: Tensor, dino_embeds: Tensor,
                        instance_text: Tensor) -> Tensor:
@@ -269,7 +274,7 @@ class MppFlux(nn.Module):
         out = torch.zeros(instance_mask.shape, device=boxes.device)
         if pb.numel() == 0:
             return out
-        clip_p, dino_p, _, box_p = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
+        clip_p, dino_p, _, box_p, _ = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
         alpha = torch.sigmoid(self.alpha_predictor(clip_p, dino_p, box_p))
         return out.to(alpha.dtype).index_put((pb, pk), alpha)
 

@@ -98,3 +98,33 @@ def test_gradient_checkpointing_same_result(make_model):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+
+
+def test_instance_alpha_equals_the_forwards_alpha_without_a_backbone_pass(make_model):
+    model, _ = make_model()
+    model.eval()
+    inputs = make_inputs(seed=3, n=4)
+    with torch.no_grad():
+        out = model(**inputs)
+        alpha = model.instance_alpha(inputs["boxes"], inputs["instance_mask"], inputs["clip_embeds"],
+                                     inputs["dino_embeds"], inputs["instance_text"])
+    torch.testing.assert_close(alpha, out.alpha)
+    torch.testing.assert_close(torch.sigmoid(out.alpha_logit)[inputs["instance_mask"]], out.alpha[inputs["instance_mask"]])
+
+
+def test_has_reference_marks_missing_and_dropped_references(make_model):
+    model, _ = make_model()
+    inputs = make_inputs(seed=4, n=3)
+    inputs["clip_embeds"][1, 2] = 0
+    inputs["dino_embeds"][1, 2] = 0  # generation without a reference image
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    expected = inputs["instance_mask"].clone()
+    expected[1, 2] = False
+    assert torch.equal(out.has_reference, expected)
+    model.train()
+    model.null_embeddings.modality_dropout = 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not model(**inputs).has_reference.any()
