@@ -252,27 +252,26 @@ class MppModule(L.LightningModule):
     def _identity(self, batch: dict, noise: Tensor, t: Tensor, x_t: Tensor, out, g: torch.Generator | None):
         """The identity term (loss, similarity) or None; see `Loss.dino_own_timesteps`."""
         cfg = self.loss_cfg
-        weights = identity_weights(out.alpha, batch["foreground"], batch["instance_mask"], out.has_reference)
+        roles, valid = batch["foreground"], batch["instance_mask"]
         if not cfg.dino_own_timesteps:
-            sel = t < cfg.dino_t_threshold
-            x0_hat = predicted_x0(x_t[sel], t[sel], out.velocity[sel])
-            return self._identity_on(x0_hat, batch, sel.nonzero().flatten(), weights)
-        carrying = (identity_weights(out.alpha, batch["foreground"], batch["instance_mask"]) > 0).any(-1)
+            idx = (t < cfg.dino_t_threshold).nonzero().flatten()
+            x0_hat = predicted_x0(x_t[idx], t[idx], out.velocity[idx])
+            return self._identity_on(x0_hat, batch, idx, identity_weights(out.alpha, roles, valid, out.has_reference)[idx])
+        carrying = (identity_weights(out.alpha, roles, valid) > 0).any(-1)
         order = torch.argsort((~carrying).to(torch.uint8), stable=True)[: cfg.dino_samples]
         idx = order[carrying[order]]
         if not len(idx):
             return None
         g = g or torch.Generator().manual_seed(0)
         t_id = (torch.rand(len(idx), generator=g) * cfg.dino_t_threshold).to(t)
-        sub = {k: batch[k][idx] for k in CONDITIONING}
         x_t_id = noisy_latents(batch["latents"][idx], noise[idx], t_id)
-        out_id = self(x_t_id, t_id, sub)
-        weights = identity_weights(out.alpha[idx], batch["foreground"][idx], batch["instance_mask"][idx],
-                                   out_id.has_reference)
-        return self._identity_on(predicted_x0(x_t_id, t_id, out_id.velocity), batch, idx, weights, sliced=True)
+        out_id = self(x_t_id, t_id, {k: batch[k][idx] for k in CONDITIONING})
+        weights = identity_weights(out.alpha[idx], roles[idx], valid[idx], out_id.has_reference)
+        return self._identity_on(predicted_x0(x_t_id, t_id, out_id.velocity), batch, idx, weights)
 
-    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor, sliced: bool = False):
-        return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights if sliced else weights[idx],
+    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor):
+        """The identity loss of the samples `idx` of `batch`, whose predicted clean latents are `x0_hat`."""
+        return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights,
                              reference_dino=batch["dino_embeds"][idx], encoders=self.encoders,
                              margin=self.encoder_settings.crop_margin,
                              gradient_checkpointing=self.heads.gradient_checkpointing)

@@ -9,6 +9,7 @@ of :func:`mpp.toy.scenes.all_identities` (chance 1/160).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .scenes import IDENTITY_COLORS, SHAPES, TEXTURES, all_identities
-from .vision import codec_round_trip, render_crops, to_tensor
+from mpp.encoders import crop_boxes
+
+from .scenes import IDENTITY_COLORS, SHAPES, TEXTURES, all_identities, identity_from_name
+from .vision import codec_round_trip, identity_labels, render_crops, to_tensor
 
 __all__ = ["IdentityJudge", "train_judge", "load_or_train_judge", "JUDGE_SIZE"]
 
@@ -96,14 +100,10 @@ def train_judge(codec, *, steps: int = 800, batch_size: int = 128, seed: int = 0
 
 def load_or_train_judge(path, codec, **kw) -> tuple[IdentityJudge, dict]:
     """The judge cached at ``path`` (safetensors; its report in the metadata), trained if absent."""
-    import json
-
     path = Path(path)
     if path.exists():
         judge = IdentityJudge()
         judge.load_state_dict(load_file(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             report = json.loads(f.metadata()["report"])
         return judge.eval(), report
@@ -124,24 +124,17 @@ def judge_instances(judge: IdentityJudge, images: dict[str, np.ndarray], layouts
     the instance count, ``identity_accuracy`` (colour, shape and texture all right) and the
     accuracy of each attribute.
     """
-    from .scenes import identity_from_name
-    from .vision import identity_labels
-
     crops, labels = [], []
     for sid, image in images.items():
-        h, w = image.shape[:2]
+        judged = [inst for inst in layouts[sid]["instances"] if inst.get("identity")]
+        if not judged:
+            continue
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 127.5 - 1.0
-        for inst in layouts[sid]["instances"]:
-            if not inst.get("identity"):
-                continue
-            x0, y0, x1, y1 = inst["bbox"]
-            mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-            px0, py0 = int(max(0.0, x0 - mx) * w), int(max(0.0, y0 - my) * h)
-            px1, py1 = max(int(math.ceil(min(1.0, x1 + mx) * w)), px0 + 1), max(int(math.ceil(min(1.0, y1 + my) * h)), py0 + 1)
-            crops.append(F.interpolate(x[:, :, py0:py1, px0:px1], size=JUDGE_SIZE, mode="bilinear", antialias=True))
-            labels.append(identity_labels(identity_from_name(inst["identity"])))
+        boxes = torch.tensor([[inst["bbox"] for inst in judged]], dtype=torch.float32)
+        crops.append(crop_boxes(x, boxes, size=JUDGE_SIZE, margin=margin)[0])
+        labels += [identity_labels(identity_from_name(inst["identity"])) for inst in judged]
     if not crops:
         return {"judged": 0}
     report = accuracy(judge, torch.cat(crops), torch.tensor(labels))
-    return {"judged": len(crops), "identity_accuracy": report.pop("identity"),
+    return {"judged": len(labels), "identity_accuracy": report.pop("identity"),
             **{f"{k}_accuracy": v for k, v in report.items()}}

@@ -29,6 +29,7 @@ import torch
 
 from .codec import PatchCodec
 from .scenes import ToyWorld
+from .vision import pretrain_vision_encoders
 
 __all__ = [
     "build_toy_models",
@@ -263,8 +264,6 @@ def _pretrain(out: Path, world: ToyWorld, seed: int, steps: int) -> None:
 
 
 def _pretrain_vision(out: Path, seed: int, steps: int) -> None:
-    from .vision import pretrain_vision_encoders
-
     result = pretrain_vision_encoders(out, codec=PatchCodec.from_pretrained(out / "vae"), steps=steps, seed=seed)
     _write_json(out / "vision_pretrain.json", result)
 
