@@ -45,6 +45,7 @@ __all__ = [
     "identity_from_name",
     "make_identity",
     "paint_identity",
+    "reference_image",
 ]
 
 Color = tuple[int, int, int]
@@ -195,7 +196,8 @@ def _texture_mask(texture: str, h: int, w: int) -> np.ndarray:
     return np.broadcast_to(m, (h, w)).copy()
 
 
-def _paint_identity(canvas: np.ndarray, box, ident: Identity) -> None:
+def paint_identity(canvas: np.ndarray, box, ident: Identity) -> None:
+    """Draws ``ident`` to the extents of ``box`` (xyxy pixels) on ``canvas`` in place."""
     x0, y0, x1, y1 = box
     h, w = y1 - y0, x1 - x0
     shape = _shape_mask(ident.shape, h, w)
@@ -254,9 +256,12 @@ def all_identities() -> list[Identity]:
     return [make_identity(c, s, t) for c in IDENTITY_COLORS for s in SHAPES for t in TEXTURES]
 
 
-def paint_identity(canvas: np.ndarray, box, ident: Identity) -> None:
-    """Draws ``ident`` to the extents of ``box`` (xyxy pixels) on ``canvas`` in place."""
-    _paint_identity(canvas, box, ident)
+def reference_image(ident: Identity, size: int = 64) -> np.ndarray:
+    """Canonical render of a character: the shape filling a ``size``×``size`` image on white."""
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    m = max(1, size // 16)
+    paint_identity(image, (m, m, size - m, size - m), ident)
+    return image
 
 
 def background(rng: np.random.Generator, height: int, width: int, textured_prob: float = 0.5) -> tuple[np.ndarray, str]:
@@ -413,7 +418,7 @@ class ToyWorld:
             if foreground:
                 ident = self.identities[ident_order[ni]]
                 ni += 1
-                _paint_identity(image, box, ident)
+                paint_identity(image, box, ident)
                 inst = ToyInstance(box, ident.caption, True, ident.name, ident.color)
             else:
                 cword, noun, shape, color = ELEMENT_KINDS[elem_order[ne]]
@@ -431,11 +436,7 @@ class ToyWorld:
 
     def reference(self, identity: str, size: int = 64) -> np.ndarray:
         """Canonical render of an identity: the shape filling a ``size``×``size`` image on white."""
-        ident = self._by_name[identity]
-        image = np.full((size, size, 3), 255, dtype=np.uint8)
-        m = max(1, size // 16)
-        _paint_identity(image, (m, m, size - m, size - m), ident)
-        return image
+        return reference_image(self._by_name[identity], size)
 
     def vocabulary(self) -> list[str]:
         """Every token any caption can contain (words and the comma), sorted."""

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scenes import IDENTITY_COLORS, SHAPES, TEXTURES, Identity, all_identities, background, paint_identity
+from .scenes import (IDENTITY_COLORS, SHAPES, TEXTURES, Identity, all_identities, background, paint_identity,
+                     reference_image)
 
 __all__ = ["CROP_SIZE", "VISION_PRETRAIN_STEPS", "identity_labels", "render_crops", "render_references",
            "pretrain_vision_encoders", "retrieval_accuracy", "codec_round_trip"]
@@ -73,11 +74,7 @@ def render_crops(identities: list[Identity], count: int, rng: np.random.Generato
 
 def render_references(identities: list[Identity], size: int = 64) -> np.ndarray:
     """Canonical references (as ``ToyWorld.reference`` draws them): N×size×size×3 uint8."""
-    out = np.full((len(identities), size, size, 3), 255, dtype=np.uint8)
-    m = max(1, size // 16)
-    for i, ident in enumerate(identities):
-        paint_identity(out[i], (m, m, size - m, size - m), ident)
-    return out
+    return np.stack([reference_image(ident, size) for ident in identities])
 
 
 def to_tensor(images: np.ndarray) -> Tensor:
