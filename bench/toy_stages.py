@@ -1,7 +1,9 @@
 """Toy-world proof of the three stages: stage 1 → stage 2 (from stage 1) → stage 3 (from stage 2),
-against a control that continues stage 1 for stage 2's budget, each for a fixed CPU budget.
+against a control that continues stage 1 from the same checkpoint, each for a fixed number of
+optimizer steps (so the figures do not depend on what else runs on the machine).
 
-    python bench/toy_stages.py [--minutes1 12] [--minutes2 10] [--minutes3 4] [--layouts 48] [--eval_seed 1]
+    python bench/toy_stages.py [--steps1 3600] [--steps2 1800] [--steps3 1000] [--control_steps 3600]
+                               [--layouts 48] [--eval_seed 1]
                                [--unseen 8] [--steps 28] [--workdir .cache/bench/toy_stages]
                                [--models .cache/toy/models] [-- extra CLI overrides for every arm]
 
@@ -17,7 +19,9 @@ caption; background elements have their caption only. Every arm generates them a
 - `dino_similarity`: toy-DINOv2 cosine of the generated box to its reference;
 - `alpha_auc`, `alpha_mean`, `alpha_fg_ratio`: α of each held-out instance (foreground = referenced).
 
-Learning rates are scaled for the toy's budget of minutes: every arm trains at 1e-3 (stage 1 ×10,
+The control gets twice stage 2's steps by default: a stage-2 step costs about 1.7 stage-1 steps of
+CPU time (the identity term's own forward, decode and DINOv2), so the control has at least stage 2's
+compute. Learning rates are scaled for the toy's budget: every arm trains at 1e-3 (stage 1 ×10,
 stage 2 ×200, stage 3 ×100 their configs' rates); the control at stage 1's. Everything else is the
 stage configs with configs/toy.yaml. Prints one JSON line
 `{"arms": {"stage1": …, "stage1_control": …, "stage2": …, "stage3": …}, "training": …, …}` (training:
@@ -75,15 +79,10 @@ def _paths(root: str, models: str) -> list[str]:
             f"--data.encoders.dino={os.path.join(models, 'dino')}"]
 
 
-def _max_time(minutes: float) -> str:
-    seconds = int(round(minutes * 60))
-    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def train(name: str, stage: int, minutes: float, *, root: str, models: str, ckpt: str | None,
+def train(name: str, stage: int, max_steps: int, *, root: str, models: str, ckpt: str | None,
           extra: list[str]) -> dict:
-    """Fits `stage` in <root>/<name> until `minutes` of training time (a same-stage `ckpt` resumes,
-    its time counted; a previous stage's starts from its weights); saves final.ckpt there."""
+    """Fits `stage` in <root>/<name> up to optimizer step `max_steps` (a same-stage `ckpt` resumes at
+    its step; a previous stage's starts from its weights at step 0); saves final.ckpt there."""
     workdir = os.path.join(root, name)
     os.makedirs(workdir, exist_ok=True)
     cwd = os.getcwd()
@@ -91,7 +90,7 @@ def train(name: str, stage: int, minutes: float, *, root: str, models: str, ckpt
     try:
         start = time.perf_counter()
         cli = fit(["fit", *[a for c in configs(stage) for a in ("--config", c)], *_paths(root, models),
-                   f"--model.lr={LR}", "--trainer.max_steps=1000000", f"--trainer.max_time={_max_time(minutes)}",
+                   f"--model.lr={LR}", f"--trainer.max_steps={max_steps}",
                    "--trainer.enable_progress_bar=false", *([f"--ckpt_path={ckpt}"] if ckpt else []), *extra])
         seconds = time.perf_counter() - start
         final = os.path.join(workdir, "final.ckpt")
@@ -162,9 +161,11 @@ def judge_on_truth(judge, codec, world: ToyWorld, count: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--minutes1", type=float, default=12.0, help="stage 1's training budget")
-    p.add_argument("--minutes2", type=float, default=10.0, help="stage 2's budget, and the control's")
-    p.add_argument("--minutes3", type=float, default=4.0, help="stage 3's budget")
+    p.add_argument("--steps1", type=int, default=3600, help="stage 1's optimizer steps")
+    p.add_argument("--steps2", type=int, default=1800, help="stage 2's optimizer steps")
+    p.add_argument("--steps3", type=int, default=1000, help="stage 3's optimizer steps")
+    p.add_argument("--control_steps", type=int, default=None,
+                   help="the control's steps after stage 1 (default: 2 × --steps2)")
     p.add_argument("--layouts", type=int, default=48, help="held-out layouts to generate")
     p.add_argument("--eval_seed", type=int, default=1, help="layout seed of the held-out scenes")
     p.add_argument("--unseen", type=int, default=8, help="unseen characters in the held-out scenes")
@@ -184,12 +185,13 @@ def main() -> None:
     write_layouts(layouts_path, seed=a.eval_seed, count=a.layouts, world=world)
 
     runs = {}
-    runs["stage1"] = train("stage1", 1, a.minutes1, root=root, models=models, ckpt=None, extra=a.overrides)
-    runs["stage1_control"] = train("stage1_control", 1, a.minutes1 + a.minutes2, root=root, models=models,
+    control = 2 * a.steps2 if a.control_steps is None else a.control_steps
+    runs["stage1"] = train("stage1", 1, a.steps1, root=root, models=models, ckpt=None, extra=a.overrides)
+    runs["stage1_control"] = train("stage1_control", 1, a.steps1 + control, root=root, models=models,
                                    ckpt=runs["stage1"]["ckpt"], extra=a.overrides)
-    runs["stage2"] = train("stage2", 2, a.minutes2, root=root, models=models, ckpt=runs["stage1"]["ckpt"],
+    runs["stage2"] = train("stage2", 2, a.steps2, root=root, models=models, ckpt=runs["stage1"]["ckpt"],
                            extra=a.overrides)
-    runs["stage3"] = train("stage3", 3, a.minutes3, root=root, models=models, ckpt=runs["stage2"]["ckpt"],
+    runs["stage3"] = train("stage3", 3, a.steps3, root=root, models=models, ckpt=runs["stage2"]["ckpt"],
                            extra=a.overrides)
 
     codec = PatchCodec.from_pretrained(os.path.join(models, "vae"))
@@ -207,7 +209,7 @@ def main() -> None:
     print(json.dumps({"arms": arms, "summary": summary,
                       "training": {name: {"steps": r["steps"], "curves": curves(r["logdir"])} for name, r in runs.items()},
                       "judge": {"renders": judge_report, "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
-                      "unseen_cast": cast, "minutes": [a.minutes1, a.minutes2, a.minutes3], "lr": LR,
+                      "unseen_cast": cast, "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 
 

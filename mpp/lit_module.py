@@ -35,6 +35,7 @@ class Heads:
     fourier_freqs: int = 8
     modality_dropout: float = 0.1
     use_layout_head: bool = True
+    instance_rope: bool = False  # the instance token takes the RoPE of its box centre (mpp.nn.assemble_attn)
     gradient_checkpointing: bool = False
 
 
@@ -79,6 +80,19 @@ class Sampling:
 FSDP_WRAPPED = "_fsdp_wrapped_module."
 
 
+def check_lr_scale(scale: dict[str, float], groups: tuple[str, ...]) -> dict[str, float]:
+    """`model.lr_scale` checked against the stage's trained groups."""
+    unknown = sorted(set(scale) - set(groups))
+    if unknown:
+        raise ValueError(f"model.lr_scale names {unknown}, which this stage does not train; its groups: {list(groups)}")
+    bad = {g: v for g, v in scale.items() if not v >= 0}
+    if bad:
+        raise ValueError(f"model.lr_scale must be >= 0 (0 freezes a group), got {bad}")
+    if all(scale.get(g, 1.0) == 0 for g in groups):
+        raise ValueError("model.lr_scale freezes every group this stage trains")
+    return {g: float(v) for g, v in scale.items()}
+
+
 def _seed(*parts: int) -> int:
     h = 0
     for p in parts:
@@ -101,6 +115,9 @@ class MppModule(L.LightningModule):
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up in optimizer steps, then constant.
+        lr_scale: a multiplier of `lr` for some of this stage's parameter groups (`mpp.nn.GROUPS`), e.g.
+            `{layout: 0.1}` to move what an earlier stage trained more slowly than a new head; 0 freezes
+            the group for this run (it is still saved).
         seed: seeds the noise and timesteps, together with the step and the rank.
         sampling: Euler sampling of logged images.
     """
@@ -119,6 +136,7 @@ class MppModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_scale: dict[str, float] | None = None,
         seed: int = 0,
         sampling: Sampling | None = None,
     ):
@@ -127,6 +145,7 @@ class MppModule(L.LightningModule):
             raise ValueError(f"model.stage must be one of {sorted(STAGE_GROUPS)}, got {stage}")
         self.save_hyperparameters()
         self.stage = stage
+        self.lr_scale = check_lr_scale(lr_scale or {}, STAGE_GROUPS[stage])
         self.encoder_settings = encoders or EncoderSettings()
         self.heads = heads or Heads()
         self.loss_cfg = loss or Loss()
@@ -149,7 +168,7 @@ class MppModule(L.LightningModule):
         backbone = build_backbone(self.hparams.backbone, subfolder=self.hparams.backbone_subfolder,
                                   torch_dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
         self.model = MppFlux(backbone, **dims, **asdict(self.heads))
-        set_trainable(self.model, STAGE_GROUPS[self.stage])
+        set_trainable(self.model, [g for g in STAGE_GROUPS[self.stage] if self.lr_scale.get(g, 1.0) > 0])
         if self.init_from is not None:
             self._load_previous_stage(self.init_from)
 
@@ -343,8 +362,12 @@ class MppModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = self.model.parameter_groups()
+        lr = self.hparams.lr
+        param_groups = [{"params": [p for p in groups[g] if p.requires_grad], "lr": lr * self.lr_scale.get(g, 1.0),
+                         "name": g} for g in STAGE_GROUPS[self.stage]]
+        opt = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr,
+                                weight_decay=self.hparams.weight_decay)
         warmup = self.hparams.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

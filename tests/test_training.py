@@ -241,3 +241,24 @@ def test_ddp_two_processes_see_different_samples(in_tmp, toy_models, toy_prepare
     assert len(r0["ids"]) == len(r1["ids"]) == 8
     assert not set(r0["ids"]) & set(r1["ids"])
     assert all(len(r["losses"]) == 4 for r in (r0, r1))
+
+
+def test_lr_scale_sets_each_groups_rate_and_zero_freezes(in_tmp, toy_models, toy_prepared):
+    cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1", "--model.lr=1e-3",
+                        "--model.lr_scale={layout: 0.1, lora: 0}"))
+    opt = cli.trainer.optimizers[0]
+    assert {g["name"]: g["initial_lr"] for g in opt.param_groups} == {
+        "alpha": 1e-3, "instance_encoder": 1e-3, "layout": pytest.approx(1e-4)}
+    groups = cli.model.model.parameter_groups()
+    assert not any(p.requires_grad for p in groups["lora"])
+    assert all(p.requires_grad for p in groups["layout"])
+    # a frozen group is still saved: the next stage loads it
+    state = torch.load(in_tmp / "runs/checkpoints/stage1/step=0000001.ckpt", weights_only=False)["state_dict"]
+    assert any("lora" in k for k in state)
+
+
+@pytest.mark.parametrize("scale, message", [({"modulation": 0.5}, "does not train"), ({"layout": -1.0}, ">= 0"),
+                                            ({"alpha": 0, "instance_encoder": 0, "layout": 0, "lora": 0}, "every group")])
+def test_lr_scale_errors_name_the_flag(scale, message):
+    with pytest.raises(ValueError, match=f"model.lr_scale.*{message}|{message}.*"):
+        MppModule(stage=1, lr_scale=scale)

@@ -9,12 +9,15 @@ Projections (the block's own weights, always with the LoRA adapter when there is
 
 * double blocks: image tokens use ``to_q/k/v`` + ``norm_q/k`` + RoPE of their position and ``to_out``;
   the instance token is treated as a context (text-stream) token: AdaLN ``norm1_context`` with the
-  block's context chunks, ``add_q/k/v_proj`` + ``norm_added_q/k``, no RoPE, ``to_add_out``, gated by
+  block's context chunks, ``add_q/k/v_proj`` + ``norm_added_q/k``, ``to_add_out``, gated by
   the context ``gate_msa``, then the context feed-forward (``norm2_context``, ``ff_context``, context
   mlp chunks) exactly as a text token would be updated.
-* single blocks: image and instance tokens share ``to_q/k/v`` + ``norm_q/k`` (RoPE on image tokens
-  only); image outputs use the attention columns of ``proj_out`` (no bias); the instance token gets the
+* single blocks: image and instance tokens share ``to_q/k/v`` + ``norm_q/k``; image outputs use the attention columns of ``proj_out`` (no bias); the instance token gets the
   full single-block update (AdaLN ``norm`` with the block's chunks, parallel MLP, ``proj_out``, gate).
+
+Image tokens carry the RoPE of their position. The instance token carries none, or (``inst_rope``)
+the RoPE of its box centre on the same grid, so its attention scores depend on where a token sits
+relative to the box rather than on the box's absolute position (InstanceAssemble's choice).
 
 The image outputs then go through the block's zero-initialized projection (the ``layout`` head), are
 averaged over boxes, and the caller adds them to the attention output before the block's gate.
@@ -112,6 +115,15 @@ def spread_instances(values: Tensor, layout: InstanceLayout, weights: Tensor | N
     return summed / layout.count_token.clamp(min=1).to(values.dtype)[..., None]
 
 
+def box_centre_ids(boxes: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """P×4 normalized xyxy boxes → P×3 RoPE ids ``[0, row, col]`` of their centres on the token grid
+    whose token (r, c) has ids ``[0, r, c]`` (fractional where a centre falls between tokens)."""
+    x0, y0, x1, y1 = boxes.float().unbind(-1)
+    row = (y0 + y1) / 2 * grid_h - 0.5
+    col = (x0 + x1) / 2 * grid_w - 0.5
+    return torch.stack([torch.zeros_like(row), row, col], dim=-1)
+
+
 def box_mean(x: Tensor, layout: InstanceLayout) -> Tensor:
     """B×S×C → P×C: mean of the tokens inside each valid instance's box."""
     pooled = layout.member.to(x.dtype) @ x  # B×N×C
@@ -124,15 +136,19 @@ def _head_linear(module: nn.Module, x: Tensor) -> Tensor:
     return module(x.to(module.weight.dtype)).to(x.dtype)
 
 
-def assemble_sdpa(inst_qkv, img_qkv, rope: tuple[Tensor, Tensor], key_valid: Tensor) -> tuple[Tensor, Tensor]:
+def assemble_sdpa(inst_qkv, img_qkv, rope: tuple[Tensor, Tensor], key_valid: Tensor,
+                  inst_rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """One SDPA call over the P padded sequences [instance ∥ in-box image tokens].
 
-    ``inst_qkv``: three P×H×hd (normed; no RoPE: the instance token has no position), ``img_qkv``: three
-    P×M×H×hd (normed), ``rope``: (cos, sin) P×M×hd of the gathered image tokens, ``key_valid``: P×M.
-    Returns (instance outputs P×H·hd, image outputs P×M×H·hd).
+    ``inst_qkv``: three P×H×hd (normed), ``img_qkv``: three P×M×H×hd (normed), ``rope``: (cos, sin)
+    P×M×hd of the gathered image tokens, ``key_valid``: P×M, ``inst_rope``: (cos, sin) P×hd of the
+    instance tokens' box centres, or None (no position). Returns (instance outputs P×H·hd, image
+    outputs P×M×H·hd).
     """
     cos, sin = rope
     iq, ik, iv = inst_qkv
+    if inst_rope is not None:
+        iq, ik = apply_rope(iq, *inst_rope), apply_rope(ik, *inst_rope)
     gq, gk, gv = img_qkv
     gq, gk = apply_rope(gq, cos, sin), apply_rope(gk, cos, sin)
     q = torch.cat([iq.unsqueeze(1), gq], dim=1)
@@ -170,6 +186,7 @@ def assemble_double(
     rope_img: tuple[Tensor, Tensor],
     out_proj: nn.Module,
     add_lora: bool,
+    inst_rope: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Assemble-Attn in a ``FluxTransformerBlock``.
 
@@ -187,7 +204,8 @@ def assemble_double(
     inst_qkv = _instance_qkv(inst_n, attn.head_dim, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                              (attn.norm_added_q, attn.norm_added_k))
     img = _gather_img_qkv(attn, layout, img_norm, img_qkv, add_lora)
-    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid)
+    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid,
+                                      inst_rope)
 
     out_img = attn.to_out[1](project(attn.to_out[0], out_img, True))
     contrib = scatter_mean(_head_linear(out_proj, out_img), layout)
@@ -214,6 +232,7 @@ def assemble_single(
     rope_img: tuple[Tensor, Tensor],
     out_proj: nn.Module,
     add_lora: bool,
+    inst_rope: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Assemble-Attn in a ``FluxSingleTransformerBlock``; ``chunks`` = the block's (shift, scale, gate) B×D.
 
@@ -228,7 +247,8 @@ def assemble_single(
     inst_n = block.norm.norm(inst) * (1 + scale) + shift
     inst_qkv = _instance_qkv(inst_n, attn.head_dim, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
     img = _gather_img_qkv(attn, layout, img_norm, img_qkv, add_lora)
-    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid)
+    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid,
+                                      inst_rope)
 
     d = out_img.shape[-1]
     out_img = F.linear(out_img, block.proj_out.weight[:, :d])

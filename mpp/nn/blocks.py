@@ -30,6 +30,7 @@ class AssembleInput:
     layout: InstanceLayout
     inst: Tensor  # P×D instance tokens
     out_proj: nn.Module  # the block's zero-initialized projection (layout head)
+    rope: tuple[Tensor, Tensor] | None = None  # (cos, sin) P×hd of the box centres, or None: no position
 
 
 def _qkv(attn: nn.Module, x: Tensor, with_lora: bool, added: bool = False):
@@ -83,7 +84,7 @@ def double_block_forward(
     if assemble is not None:
         contrib, inst = assemble_double(
             block, assemble.layout, img_norm, img_qkv, assemble.inst, ctx,
-            (cos[txt_len:], sin[txt_len:]), assemble.out_proj, add_lora=not lora_in_base,
+            (cos[txt_len:], sin[txt_len:]), assemble.out_proj, add_lora=not lora_in_base, inst_rope=assemble.rope,
         )
         img_out = img_out + contrib
 
@@ -136,6 +137,7 @@ def single_block_forward(
         contrib, inst = assemble_single(
             block, assemble.layout, x_norm[:, txt_len:], tuple(t[:, txt_len:] for t in qkv), assemble.inst,
             base.chunk(3, dim=1), (cos[txt_len:], sin[txt_len:]), assemble.out_proj, add_lora=not lora_in_base,
+            inst_rope=assemble.rope,
         )
         out = out + torch.cat([contrib.new_zeros(contrib.shape[0], txt_len, contrib.shape[-1]), contrib], 1)
 

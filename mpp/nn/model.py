@@ -11,7 +11,7 @@ from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 from .alpha import AlphaPredictor
-from .assemble_attn import InstanceLayout, box_mean, build_layout, spread_instances
+from .assemble_attn import InstanceLayout, box_centre_ids, box_mean, build_layout, spread_instances
 from .blocks import AssembleInput, double_block_forward, single_block_forward
 from .feedback import FeedbackBridge
 from .instance_encoder import InstanceEncoder, NullEmbeddings
@@ -67,6 +67,7 @@ class MppFlux(nn.Module):
         fourier_freqs: int = 8,
         modality_dropout: float = 0.1,
         use_layout_head: bool = True,
+        instance_rope: bool = False,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -94,6 +95,7 @@ class MppFlux(nn.Module):
         self.lora_scope = lora_scope
         self.lora_rank = lora_rank
         self.use_layout_head = use_layout_head
+        self.instance_rope = instance_rope
         self.gradient_checkpointing = gradient_checkpointing
         inner = backbone.inner_dim
         self.inner_dim = inner
@@ -156,12 +158,12 @@ class MppFlux(nn.Module):
         return fn(*args)
 
     def _layout_step(self, kind: str, block: nn.Module, slot: int, img, txt, temb, rope,
-                     layout: InstanceLayout, inst, code, alpha):
+                     layout: InstanceLayout, inst, code, alpha, inst_rope):
         offsets = assemble = None
         if layout.num_pairs > 0:
             offsets = spread_instances(self.modulation.offsets(slot, code), layout, alpha).to(img.dtype)
             if self.use_layout_head:
-                assemble = AssembleInput(layout, inst, self.layout_proj[slot])
+                assemble = AssembleInput(layout, inst, self.layout_proj[slot], inst_rope)
         forward = double_block_forward if kind == "double" else single_block_forward
         txt, img, new_inst = forward(
             block, img, txt, temb, rope,
@@ -221,7 +223,7 @@ class MppFlux(nn.Module):
         layout = build_layout(boxes.float(), mask, gh, gw)
         alpha_out = logit_out = torch.zeros(b, n, device=device)
         has_reference = torch.zeros(b, n, dtype=torch.bool, device=device)
-        inst = code = alpha = None
+        inst = code = alpha = inst_rope = None
         if layout.num_pairs > 0:
             pb, pk = layout.pair_b, layout.pair_k
             clip_p, dino_p, text_p, box_p, kept = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds,
@@ -234,6 +236,8 @@ class MppFlux(nn.Module):
             if self.instance_encoder is not None:
                 inst = self.instance_encoder(box_p, text_p, clip_p, dino_p, alpha).to(img.dtype)
             code = self.modulation.identity_code(dino_p, clip_p)
+            if self.instance_rope and inst is not None:
+                inst_rope = bb.pos_embed(box_centre_ids(box_p, gh, gw))
 
         stats = []
         stacks = (("double", bb.transformer_blocks, self._double_slot),
@@ -245,7 +249,8 @@ class MppFlux(nn.Module):
                     txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
                     continue
                 txt, img, inst, code, s = self._maybe_checkpoint(
-                    self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, alpha
+                    self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, alpha,
+                    inst_rope,
                 )
                 if s is not None:
                     stats.append(s)

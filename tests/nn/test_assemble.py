@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
 from nn_helpers import make_inputs, random_boxes, randomize
 
 from mpp.nn.assemble_attn import (
     assemble_double,
+    assemble_sdpa,
     assemble_single,
+    box_centre_ids,
     box_mean,
     build_layout,
     scatter_mean,
@@ -217,3 +219,32 @@ def test_overlaps_are_averaged_not_overwritten():
     # mean-pooling inside each box (the feedback bridge's input)
     x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
     assert box_mean(x, layout)[:, 0].tolist() == [1.5, 3.0]
+
+
+def test_box_centre_ids_sit_at_the_mean_of_the_box_tokens():
+    ids = box_centre_ids(torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.0, 0.5, 0.125, 1.0]]), 8, 8)
+    # the first box covers tokens 2..5 on both axes; the second rows 4..7 and column 0
+    assert torch.allclose(ids, torch.tensor([[0.0, 3.5, 3.5], [0.0, 5.5, 0.0]]))
+
+
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_instance_rope_makes_instance_scores_depend_on_relative_position_only(with_rope):
+    g = torch.Generator().manual_seed(0)
+    heads, hd, m = 2, 16, 5
+    pos = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])
+    inst = tuple(torch.randn(1, heads, hd, generator=g) for _ in range(3))
+    img = tuple(torch.randn(1, m, heads, hd, generator=g) for _ in range(3))
+    rows = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0])
+    cols = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0])
+
+    def run(shift):
+        ids = torch.stack([torch.zeros(m), rows + shift, cols + 2 * shift], -1)
+        centre = torch.tensor([[0.0, 2.0 + shift, 1.5 + 2 * shift]])
+        cos, sin = pos(ids)
+        inst_rope = pos(centre) if with_rope else None
+        return assemble_sdpa(inst, img, (cos[None], sin[None]), torch.ones(1, m, dtype=torch.bool), inst_rope)
+
+    (a_inst, a_img), (b_inst, b_img) = run(0.0), run(3.0)
+    # moving the box and its tokens together changes nothing exactly when the instance token has a position
+    assert torch.allclose(a_inst, b_inst, atol=1e-5) == with_rope
+    assert torch.allclose(a_img, b_img, atol=1e-5) == with_rope

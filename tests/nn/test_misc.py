@@ -72,3 +72,18 @@ def test_bf16_backbone_with_fp32_heads(tiny_config):
     assert out.velocity.dtype == torch.bfloat16 and out.alpha.dtype == torch.float32
     out.velocity.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameter_groups()["lora"])
+
+
+def test_instance_rope_changes_only_what_the_layout_branch_does(make_model):
+    from nn_helpers import make_inputs, randomize
+
+    inputs = make_inputs(n=2)
+    outs = {}
+    for flag in (False, True):
+        model, _ = make_model(instance_rope=flag)
+        with torch.no_grad():
+            outs[flag, "zero"] = model(**inputs).velocity  # layout projections still zero: no effect
+            randomize(model, groups=("layout",))
+            outs[flag, "trained"] = model(**inputs).velocity
+    assert torch.equal(outs[False, "zero"], outs[True, "zero"])
+    assert not torch.allclose(outs[False, "trained"], outs[True, "trained"], atol=1e-4)
