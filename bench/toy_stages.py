@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +57,9 @@ from mpp.toy.scenes import ToyWorld, all_identities  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs/toy.yaml")
 LR = "1e-3"
-TRAINING_WORLD = {"seed": 0, "num_identities": 32}  # configs/toy.yaml's data.toy
+with open(TOY) as _f:
+    _toy = yaml.safe_load(_f)["data"]["toy"]
+TRAINING_WORLD = {"seed": _toy["seed"], "num_identities": _toy["num_identities"]}  # the world the arms train on
 CURVES = ("loss/flow_matching", "loss/dino_identity", "metrics/dino_similarity_mean", "metrics/alpha_mean",
           "metrics/alpha_fg_ratio", "metrics/alpha_auc", "loss/alpha_bce", "metrics/feedback_magnitude")
 

@@ -52,6 +52,8 @@ class Loss:
             judges the flow batch's samples that happen to fall below the threshold (no extra forward;
             with shift 3 about 14 % of samples, so most micro-batches of 2 carry none).
         dino_samples: samples per micro-batch in the identity forward (those with a foreground instance first).
+        dino_views: each box is judged as the mean over this many randomly zoomed/shifted views of its
+            crop (1: the crop alone), so a pattern that fools the encoder at one framing does not pay.
         alpha_bce_weight: BCE (on the logit) of α toward each instance's role; acts where α trains (stage 1).
     """
 
@@ -60,6 +62,7 @@ class Loss:
     dino_t_threshold: float = 0.5
     dino_own_timesteps: bool = True
     dino_samples: int = 2
+    dino_views: int = 1
     alpha_bce_weight: float = 1.0
     timestep_sampler: str = "logit_normal"
     logit_mean: float = 0.0
@@ -275,7 +278,8 @@ class MppModule(L.LightningModule):
         if not cfg.dino_own_timesteps:
             idx = (t < cfg.dino_t_threshold).nonzero().flatten()
             x0_hat = predicted_x0(x_t[idx], t[idx], out.velocity[idx])
-            return self._identity_on(x0_hat, batch, idx, identity_weights(out.alpha, roles, valid, out.has_reference)[idx])
+            return self._identity_on(x0_hat, batch, idx, identity_weights(out.alpha, roles, valid, out.has_reference)[idx],
+                                     g)
         carrying = (identity_weights(out.alpha, roles, valid) > 0).any(-1)
         order = torch.argsort((~carrying).to(torch.uint8), stable=True)[: cfg.dino_samples]
         idx = order[carrying[order]]
@@ -286,14 +290,15 @@ class MppModule(L.LightningModule):
         x_t_id = noisy_latents(batch["latents"][idx], noise[idx], t_id)
         out_id = self(x_t_id, t_id, {k: batch[k][idx] for k in CONDITIONING})
         weights = identity_weights(out.alpha[idx], roles[idx], valid[idx], out_id.has_reference)
-        return self._identity_on(predicted_x0(x_t_id, t_id, out_id.velocity), batch, idx, weights)
+        return self._identity_on(predicted_x0(x_t_id, t_id, out_id.velocity), batch, idx, weights, g)
 
-    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor):
+    def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor, g: torch.Generator | None):
         """The identity loss of the samples `idx` of `batch`, whose predicted clean latents are `x0_hat`."""
         return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights,
                              reference_dino=batch["dino_embeds"][idx], encoders=self.encoders,
                              margin=self.encoder_settings.crop_margin,
-                             gradient_checkpointing=self.heads.gradient_checkpointing)
+                             gradient_checkpointing=self.heads.gradient_checkpointing,
+                             views=self.loss_cfg.dino_views, generator=g)
 
     def _noise_and_t(self, x0: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         noise = torch.randn(x0.shape, generator=g).to(x0)

@@ -89,41 +89,66 @@ def latent_windows(boxes: Tensor, *, latent_hw: tuple[int, int], downsample: int
     return out
 
 
+def view_jitter(count: int, views: int, generator: torch.Generator | None = None, *, scale: float = 0.2,
+                shift: float = 0.1) -> Tensor:
+    """count×views×2×3 affine maps for `F.affine_grid`: the first view of each crop is the identity,
+    the others zoom in or out by up to `scale` (per axis) and shift by up to `shift` of the crop."""
+    u = torch.rand(count, views, 4, generator=generator) * 2 - 1
+    theta = torch.zeros(count, views, 2, 3)
+    theta[..., 0, 0] = 1 + scale * u[..., 0]
+    theta[..., 1, 1] = 1 + scale * u[..., 1]
+    theta[..., 0, 2] = shift * u[..., 2]
+    theta[..., 1, 2] = shift * u[..., 3]
+    theta[:, 0] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    return theta
+
+
 def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: float,
-                   gradient_checkpointing: bool = True) -> Tensor:
+                   gradient_checkpointing: bool = True, jitter: Tensor | None = None) -> Tensor:
     """K×D DINOv2 embeddings of the K boxes (`boxes`: K×5 rows of sample index and normalized xyxy)
     of the predicted clean latents `x0` (B×C×h×w): each box is cut from the latent at native
     resolution (with margin and a latent pixel of context), decoded by the frozen VAE, cut to the
     exact pixel box, and only then resized to DINOv2's input, as preparation made the references
-    (the decoder does not commute with resampling latents)."""
+    (the decoder does not commute with resampling latents). With `jitter` (K×V×2×3, from
+    :func:`view_jitter`), each crop is embedded in V resampled views: K×V×D."""
     windows = latent_windows(boxes[:, 1:], latent_hw=tuple(x0.shape[-2:]), downsample=encoders.vae_downsample,
                              margin=margin)
+    size = encoders.dino_size
 
-    def embed(latent: Tensor, pixel: tuple[int, int, int, int]) -> Tensor:
+    def embed(latent: Tensor, pixel: tuple[int, int, int, int], theta: Tensor | None) -> Tensor:
         image = encoders.decode_latents(latent).clamp(-1, 1)
         px0, py0, px1, py1 = pixel
         crop = image[:, :, py0:py1, px0:px1]
-        crop = F.interpolate(crop, size=(encoders.dino_size, encoders.dino_size), mode="bilinear",
-                             align_corners=False, antialias=True)
-        return encoders.dino_embeds(crop)
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if theta is None:
+            return encoders.dino_embeds(crop)
+        grid = F.affine_grid(theta.to(crop), [len(theta), crop.shape[1], size, size], align_corners=False)
+        views = F.grid_sample(crop.expand(len(theta), -1, -1, -1), grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)
+        return encoders.dino_embeds(views)[None]
 
     out = []
-    for (i, _, _, _, _), ((lx0, ly0, lx1, ly1), pixel) in zip(boxes.tolist(), windows):
+    for k, ((i, _, _, _, _), ((lx0, ly0, lx1, ly1), pixel)) in enumerate(zip(boxes.tolist(), windows)):
         latent = x0[int(i) : int(i) + 1, :, ly0:ly1, lx0:lx1]
+        theta = None if jitter is None else jitter[k]
         if gradient_checkpointing and torch.is_grad_enabled():
-            out.append(checkpoint(embed, latent, pixel, use_reentrant=False))
+            out.append(checkpoint(embed, latent, pixel, theta, use_reentrant=False))
         else:
-            out.append(embed(latent, pixel))
+            out.append(embed(latent, pixel, theta))
     return torch.cat(out)
 
 
 def identity_loss(x0: Tensor, *, boxes: Tensor, weights: Tensor, reference_dino: Tensor, encoders: Encoders,
-                  margin: float = 0.1, gradient_checkpointing: bool = True) -> tuple[Tensor, Tensor] | None:
+                  margin: float = 0.1, gradient_checkpointing: bool = True, views: int = 1,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor] | None:
     """DINO identity loss of DESIGN.md section 4 on predicted clean latents `x0` (B×C×h×w, e.g.
     x̂0 = x_t − t·v̂ at a low t): the weighted mean over instances of 1 − cosine(DINOv2 of the
     decoded box, reference embedding). `weights` (B×N, from :func:`identity_weights`) are data, not
-    a gradient path: the model cannot lower the loss by lowering α. Returns (loss, mean similarity
-    of the weighted instances), or None when no instance has weight.
+    a gradient path: the model cannot lower the loss by lowering α. With `views` > 1 each box counts
+    as the mean over that many randomly zoomed and shifted views of it (:func:`view_jitter`, drawn from
+    `generator`), so that the generator cannot lower the loss with a pattern that only fools the
+    encoder at one exact framing. Returns (loss, mean similarity of the weighted instances), or None
+    when no instance has weight.
     """
     weights = weights.detach()
     sel = weights > 0
@@ -131,8 +156,15 @@ def identity_loss(x0: Tensor, *, boxes: Tensor, weights: Tensor, reference_dino:
         return None
     b_idx, k_idx = sel.nonzero(as_tuple=True)
     rows = torch.cat([b_idx[:, None].to(boxes.dtype), boxes[b_idx, k_idx]], dim=-1)
-    emb = identity_crops(x0, rows, encoders=encoders, margin=margin, gradient_checkpointing=gradient_checkpointing)
-    cos = F.cosine_similarity(emb.float(), reference_dino[b_idx, k_idx].float().to(emb.device), dim=-1)
+    jitter = view_jitter(len(rows), views, generator) if views > 1 else None
+    emb = identity_crops(x0, rows, encoders=encoders, margin=margin, gradient_checkpointing=gradient_checkpointing,
+                         jitter=jitter)
+    ref = reference_dino[b_idx, k_idx].float().to(emb.device)
+    if jitter is not None:
+        ref = ref[:, None]
+    cos = F.cosine_similarity(emb.float(), ref, dim=-1)
+    if jitter is not None:
+        cos = cos.mean(1)
     w = weights[b_idx, k_idx].float()
     loss = (w * (1 - cos)).sum() / w.sum()
     return loss, (w * cos).sum().detach() / w.sum()

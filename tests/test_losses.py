@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mpp.encoders import Encoders, crop_boxes
-from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, identity_crops, identity_loss,
+from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, identity_crops, identity_loss, view_jitter,
                         identity_weights, latent_windows)
 from mpp.nn.alpha import AlphaPredictor
 
@@ -129,3 +129,32 @@ def test_an_instance_without_its_reference_is_trained_toward_background():
     assert alpha_targets(roles, seen).tolist() == [[1.0, 0.0, -1.0, 0.0]]
     weights = identity_weights(torch.full((1, 4), 0.9), roles, torch.ones(1, 4, dtype=torch.bool), seen)
     assert weights.tolist() == [[1.0, 0.0, 1.0, 0.0]]  # no identity loss toward a reference it did not see
+
+
+def test_identity_views_start_with_the_crop_itself_and_stay_differentiable(toy_encoders):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, 16, 16, generator=g, requires_grad=True)
+    rows = torch.tensor([[0.0, 0.1, 0.2, 0.6, 0.7]])
+    plain = identity_crops(x0, rows, encoders=toy_encoders, margin=0.1, gradient_checkpointing=False)
+    jitter = view_jitter(1, 3, torch.Generator().manual_seed(1))
+    views = identity_crops(x0, rows, encoders=toy_encoders, margin=0.1, gradient_checkpointing=True, jitter=jitter)
+    assert views.shape == (1, 3, plain.shape[-1])
+    assert torch.allclose(views[:, 0], plain, atol=1e-5)  # the first view is the crop as it is
+    assert not torch.allclose(views[:, 1], plain, atol=1e-3)
+    direction = torch.randn(plain.shape[-1], generator=g)
+    (views @ direction).sum().backward()
+    assert x0.grad.abs().sum() > 0
+
+
+def test_identity_loss_with_views_is_the_mean_over_views(toy_encoders):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 16, 16, 16, generator=g)
+    boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.7]]])
+    weights = torch.ones(1, 1)
+    ref = torch.randn(1, 1, 64, generator=g)
+    loss, sim = identity_loss(x0, boxes=boxes, weights=weights, reference_dino=ref, encoders=toy_encoders,
+                              views=4, generator=torch.Generator().manual_seed(2))
+    emb = identity_crops(x0, torch.tensor([[0.0, 0.1, 0.2, 0.6, 0.7]]), encoders=toy_encoders, margin=0.1,
+                         jitter=view_jitter(1, 4, torch.Generator().manual_seed(2)))
+    cos = torch.nn.functional.cosine_similarity(emb, ref[0, 0], dim=-1).mean()
+    assert torch.allclose(loss, 1 - cos, atol=1e-5) and torch.allclose(sim, cos, atol=1e-5)
