@@ -13,7 +13,7 @@ from torch import Tensor
 from mpp.data.dataset import CONDITIONING
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
-from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, identity_loss, identity_weights
+from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, box_embeddings, identity_loss, identity_weights
 from mpp.nn import MppFlux, build_backbone, set_trainable
 from mpp.nn.model import STAGE_GROUPS
 
@@ -52,6 +52,12 @@ class Loss:
             judges the flow batch's samples that happen to fall below the threshold (no extra forward;
             with shift 3 about 14 % of samples, so most micro-batches of 2 carry none).
         dino_samples: samples per micro-batch in the identity forward (those with a foreground instance first).
+        dino_target: what each box's DINOv2 embedding is pulled toward: "reference" (the instance's
+            reference embedding from preparation) or "crop" (DINOv2 of the same box decoded from the
+            clean training latents: the target then comes from the frame itself, so framing, background
+            and lighting of a reference image are not part of what the model is asked to match).
+        dino_blur: σ in pixels (at DINOv2's input size) of a Gaussian blur of each generated crop before
+            DINOv2 (0: none), so that the model cannot lower the loss with pixel-level patterns.
         dino_views: each box is judged as the mean over this many randomly zoomed/shifted views of its
             crop (1: the crop alone), so a pattern that fools the encoder at one framing does not pay.
         alpha_bce_weight: BCE (on the logit) of α toward each instance's role; acts where α trains (stage 1).
@@ -63,6 +69,14 @@ class Loss:
     dino_own_timesteps: bool = True
     dino_samples: int = 2
     dino_views: int = 1
+    dino_target: str = "crop"
+    dino_blur: float = 0.0
+
+    def __post_init__(self):
+        if self.dino_target not in ("reference", "crop"):
+            raise ValueError(f"model.loss.dino_target must be 'reference' or 'crop', got {self.dino_target!r}")
+        if self.dino_views < 1:
+            raise ValueError(f"model.loss.dino_views must be >= 1, got {self.dino_views}")
     alpha_bce_weight: float = 1.0
     timestep_sampler: str = "logit_normal"
     logit_mean: float = 0.0
@@ -294,11 +308,16 @@ class MppModule(L.LightningModule):
 
     def _identity_on(self, x0_hat: Tensor, batch: dict, idx: Tensor, weights: Tensor, g: torch.Generator | None):
         """The identity loss of the samples `idx` of `batch`, whose predicted clean latents are `x0_hat`."""
+        target = batch["dino_embeds"][idx]
+        if self.loss_cfg.dino_target == "crop":
+            with torch.no_grad():
+                target = box_embeddings(batch["latents"][idx], batch["boxes"][idx], weights > 0, encoders=self.encoders,
+                                        margin=self.encoder_settings.crop_margin, blur=self.loss_cfg.dino_blur)
         return identity_loss(x0_hat, boxes=batch["boxes"][idx], weights=weights,
-                             reference_dino=batch["dino_embeds"][idx], encoders=self.encoders,
+                             reference_dino=target, encoders=self.encoders,
                              margin=self.encoder_settings.crop_margin,
                              gradient_checkpointing=self.heads.gradient_checkpointing,
-                             views=self.loss_cfg.dino_views, generator=g)
+                             views=self.loss_cfg.dino_views, generator=g, blur=self.loss_cfg.dino_blur)
 
     def _noise_and_t(self, x0: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         noise = torch.randn(x0.shape, generator=g).to(x0)

@@ -103,14 +103,31 @@ def view_jitter(count: int, views: int, generator: torch.Generator | None = None
     return theta
 
 
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """…×C×H×W images blurred by a Gaussian of `sigma` pixels (separable, reflect-padded); 0: unchanged."""
+    if sigma <= 0:
+        return images
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    c = images.shape[-3]
+    flat = images.reshape(-1, c, *images.shape[-2:])
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    flat = F.conv2d(flat, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return flat.reshape(images.shape)
+
+
 def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: float,
-                   gradient_checkpointing: bool = True, jitter: Tensor | None = None) -> Tensor:
+                   gradient_checkpointing: bool = True, jitter: Tensor | None = None, blur: float = 0.0) -> Tensor:
     """K×D DINOv2 embeddings of the K boxes (`boxes`: K×5 rows of sample index and normalized xyxy)
     of the predicted clean latents `x0` (B×C×h×w): each box is cut from the latent at native
     resolution (with margin and a latent pixel of context), decoded by the frozen VAE, cut to the
     exact pixel box, and only then resized to DINOv2's input, as preparation made the references
     (the decoder does not commute with resampling latents). With `jitter` (K×V×2×3, from
-    :func:`view_jitter`), each crop is embedded in V resampled views: K×V×D."""
+    :func:`view_jitter`), each crop is embedded in V resampled views: K×V×D. `blur` (pixels at
+    DINOv2's input size) low-passes every crop first."""
     windows = latent_windows(boxes[:, 1:], latent_hw=tuple(x0.shape[-2:]), downsample=encoders.vae_downsample,
                              margin=margin)
     size = encoders.dino_size
@@ -119,7 +136,8 @@ def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: flo
         image = encoders.decode_latents(latent).clamp(-1, 1)
         px0, py0, px1, py1 = pixel
         crop = image[:, :, py0:py1, px0:px1]
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        crop = gaussian_blur(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True), blur)
         if theta is None:
             return encoders.dino_embeds(crop)
         grid = F.affine_grid(theta.to(crop), [len(theta), crop.shape[1], size, size], align_corners=False)
@@ -138,16 +156,30 @@ def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: flo
     return torch.cat(out)
 
 
+def box_embeddings(x0: Tensor, boxes: Tensor, select: Tensor, *, encoders: Encoders, margin: float,
+                   blur: float = 0.0) -> Tensor:
+    """B×N×D DINOv2 embeddings of the `select`ed (B×N bool) boxes of clean latents `x0`, cropped as
+    :func:`identity_crops` does (zeros elsewhere): the identity loss's target taken from the frame."""
+    b_idx, k_idx = select.nonzero(as_tuple=True)
+    out = x0.new_zeros(*select.shape, encoders.dino.config.hidden_size)
+    if len(b_idx):
+        rows = torch.cat([b_idx[:, None].to(boxes.dtype), boxes[b_idx, k_idx]], dim=-1)
+        emb = identity_crops(x0, rows, encoders=encoders, margin=margin, gradient_checkpointing=False, blur=blur)
+        out[b_idx, k_idx] = emb.to(out.dtype)
+    return out
+
+
 def identity_loss(x0: Tensor, *, boxes: Tensor, weights: Tensor, reference_dino: Tensor, encoders: Encoders,
                   margin: float = 0.1, gradient_checkpointing: bool = True, views: int = 1,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor] | None:
+                  generator: torch.Generator | None = None, blur: float = 0.0) -> tuple[Tensor, Tensor] | None:
     """DINO identity loss of DESIGN.md section 4 on predicted clean latents `x0` (B×C×h×w, e.g.
     x̂0 = x_t − t·v̂ at a low t): the weighted mean over instances of 1 − cosine(DINOv2 of the
     decoded box, reference embedding). `weights` (B×N, from :func:`identity_weights`) are data, not
     a gradient path: the model cannot lower the loss by lowering α. With `views` > 1 each box counts
     as the mean over that many randomly zoomed and shifted views of it (:func:`view_jitter`, drawn from
     `generator`), so that the generator cannot lower the loss with a pattern that only fools the
-    encoder at one exact framing. Returns (loss, mean similarity of the weighted instances), or None
+    encoder at one exact framing. `blur` low-passes the crops (:func:`gaussian_blur`) so that the loss
+    cannot be lowered by pixel-level patterns the encoder over-reads. Returns (loss, mean similarity of the weighted instances), or None
     when no instance has weight.
     """
     weights = weights.detach()
@@ -158,7 +190,7 @@ def identity_loss(x0: Tensor, *, boxes: Tensor, weights: Tensor, reference_dino:
     rows = torch.cat([b_idx[:, None].to(boxes.dtype), boxes[b_idx, k_idx]], dim=-1)
     jitter = view_jitter(len(rows), views, generator) if views > 1 else None
     emb = identity_crops(x0, rows, encoders=encoders, margin=margin, gradient_checkpointing=gradient_checkpointing,
-                         jitter=jitter)
+                         jitter=jitter, blur=blur)
     ref = reference_dino[b_idx, k_idx].float().to(emb.device)
     if jitter is not None:
         ref = ref[:, None]

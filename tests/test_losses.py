@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from mpp.encoders import Encoders, crop_boxes
-from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, identity_crops, identity_loss, view_jitter,
-                        identity_weights, latent_windows)
+from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, box_embeddings, gaussian_blur, identity_crops,
+                        identity_loss, identity_weights, latent_windows, view_jitter)
+from mpp.lit_module import Loss
 from mpp.nn.alpha import AlphaPredictor
 
 
@@ -158,3 +159,30 @@ def test_identity_loss_with_views_is_the_mean_over_views(toy_encoders):
                          jitter=view_jitter(1, 4, torch.Generator().manual_seed(2)))
     cos = torch.nn.functional.cosine_similarity(emb, ref[0, 0], dim=-1).mean()
     assert torch.allclose(loss, 1 - cos, atol=1e-5) and torch.allclose(sim, cos, atol=1e-5)
+
+
+def test_gaussian_blur_keeps_the_mean_and_spreads_a_point():
+    x = torch.zeros(1, 3, 9, 9)
+    x[..., 4, 4] = 1.0
+    y = gaussian_blur(x, 1.0)
+    assert torch.allclose(y.sum((-1, -2)), torch.ones(1, 3), atol=1e-5)
+    assert 0.1 < y[0, 0, 4, 4] < 0.2 and y[0, 0, 4, 5] > 0
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+
+
+def test_box_embeddings_are_the_identity_crops_of_the_selected_boxes(toy_encoders):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 16, 16, generator=g)
+    boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.7], [0.5, 0.5, 0.9, 0.9]]]).expand(2, 2, 4)
+    select = torch.tensor([[True, False], [False, True]])
+    out = box_embeddings(x0, boxes, select, encoders=toy_encoders, margin=0.1)
+    rows = torch.tensor([[0.0, 0.1, 0.2, 0.6, 0.7], [1.0, 0.5, 0.5, 0.9, 0.9]])
+    expected = identity_crops(x0, rows, encoders=toy_encoders, margin=0.1, gradient_checkpointing=False)
+    assert torch.allclose(out[select], expected, atol=1e-6)
+    assert not out[~select].any()
+
+
+@pytest.mark.parametrize("field, value", [("dino_target", "pixels"), ("dino_views", 0)])
+def test_identity_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=f"model.loss.{field}"):
+        Loss(**{field: value})
