@@ -32,10 +32,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mpp.data.dataset import CONDITIONING
 from mpp.data.raw import read_image, to_tensor
 from mpp.encoders import EncoderSettings, Encoders, crop_boxes, embedding_dims, parse_dtype
 from mpp.flow import euler_sample
+from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE, HeadsConfig, MppFlux, build_backbone
+from mpp.nn.lora import ADAPTER_NAME
 from mpp.viz import draw_boxes, to_uint8
 
 
@@ -131,7 +132,7 @@ class Sampler:
 
     steps: int = 28
     shift: float | None = 3.0
-    guidance: float = 3.5
+    guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     layout_guidance: float = 1.0
 
@@ -223,15 +224,12 @@ def load_exported(export_dir: str, *, backbone: str | None = None, device: str =
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from mpp.nn import MppFlux, build_backbone
-    from mpp.nn.lora import ADAPTER_NAME
-
     with open(os.path.join(export_dir, "config.json")) as f:
         cfg = json.load(f)
     settings = EncoderSettings(**cfg["encoders"])
     bb = build_backbone(backbone or cfg["backbone"], subfolder=cfg["backbone_subfolder"],
                         torch_dtype=parse_dtype(cfg["backbone_dtype"]))
-    model = MppFlux(bb, **embedding_dims(settings), **cfg["heads"])
+    model = MppFlux(bb, **embedding_dims(settings), heads=HeadsConfig(**cfg["heads"]))
     heads = load_file(os.path.join(export_dir, "heads.safetensors"))
     own = {n for n, _ in model.named_parameters() if ".lora_" not in n and not n.startswith("backbone.")}
     missing = sorted(own - set(heads))

@@ -10,32 +10,12 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from mpp.data.dataset import CONDITIONING
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
 from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, identity_loss, identity_weights
-from mpp.nn import MppFlux, build_backbone, set_trainable
-from mpp.nn.model import STAGE_GROUPS
+from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, build_backbone, set_trainable
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class Heads:
-    """Widths and placement of the heads and the LoRA (DESIGN.md section 3)."""
-
-    layout_double_blocks: list[int] | None = None
-    layout_single_blocks: list[int] | None = None
-    lora_rank: int = 128
-    lora_alpha: float | None = None
-    lora_scope: str = "layout"
-    identity_dim: int = 256
-    modulation_rank: int = 8
-    fourier_freqs: int = 8
-    modality_dropout: float = 0.1
-    use_layout_head: bool = True
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -78,6 +58,9 @@ class Sampling:
 
 FSDP_WRAPPED = "_fsdp_wrapped_module."
 
+# checkpoints written before HeadsConfig moved to mpp.nn pickle their hyperparameters under this name
+Heads = HeadsConfig
+
 
 def _seed(*parts: int) -> int:
     h = 0
@@ -113,9 +96,9 @@ class MppModule(L.LightningModule):
         backbone_subfolder: str | None = "transformer",
         backbone_dtype: str = "bfloat16",
         encoders: EncoderSettings | None = None,
-        heads: Heads | None = None,
+        heads: HeadsConfig | None = None,
         loss: Loss | None = None,
-        guidance: float = 3.5,
+        guidance: float = DEFAULT_GUIDANCE,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -128,7 +111,7 @@ class MppModule(L.LightningModule):
         self.save_hyperparameters()
         self.stage = stage
         self.encoder_settings = encoders or EncoderSettings()
-        self.heads = heads or Heads()
+        self.heads = heads or HeadsConfig()
         self.loss_cfg = loss or Loss()
         self.sampling = sampling or Sampling()
         self.model: MppFlux | None = None
@@ -148,7 +131,7 @@ class MppModule(L.LightningModule):
         dims = embedding_dims(self.encoder_settings)
         backbone = build_backbone(self.hparams.backbone, subfolder=self.hparams.backbone_subfolder,
                                   torch_dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
-        self.model = MppFlux(backbone, **dims, **asdict(self.heads))
+        self.model = MppFlux(backbone, **dims, heads=self.heads)
         set_trainable(self.model, STAGE_GROUPS[self.stage])
         if self.init_from is not None:
             self._load_previous_stage(self.init_from)

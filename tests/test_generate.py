@@ -83,10 +83,10 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
 
 def test_layout_guidance_extrapolates_from_the_same_model_without_instances(toy_models, toy_settings):
     from mpp.encoders import embedding_dims
-    from mpp.nn import MppFlux, build_backbone
+    from mpp.nn import HeadsConfig, MppFlux, build_backbone
 
     torch.manual_seed(0)
-    model = MppFlux(build_backbone(toy_models), **embedding_dims(toy_settings), lora_rank=4).eval()
+    model = MppFlux(build_backbone(toy_models), **embedding_dims(toy_settings), heads=HeadsConfig(lora_rank=4)).eval()
     with torch.no_grad():  # give the zero-initialized projections weight, so the layout changes the output
         for p in model.parameters():
             if not p.any():

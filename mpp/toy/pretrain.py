@@ -25,17 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
+
+from mpp.encoders import Encoders
+from mpp.flow import flow_matching_loss, noisy_latents, sample_timesteps
+from mpp.nn import flux_velocity
 
 from .scenes import ToyWorld
 
 __all__ = [
     "DEFAULT_PRETRAIN_STEPS",
     "PRETRAIN_INDEX_OFFSET",
-    "PRETRAIN_GUIDANCE",
     "ToyBatch",
     "encode_toy_scenes",
-    "flux_velocity",
     "pretrain_toy_backbone",
     "toy_flow_loss",
 ]
@@ -44,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PRETRAIN_INDEX_OFFSET = 20_000_000  # training scenes: disjoint from datasets (0..) and the codec fit (10M..)
 HELDOUT_INDEX_OFFSET = 30_000_000  # the fixed held-out batch behind initial_loss / final_loss
-PRETRAIN_GUIDANCE = 3.5  # what mpp's training feeds the guidance embedding
 # Budget for real use (``python -m mpp.toy models``, configs/toy.yaml): 1200 steps at batch 32, about
 # 10 minutes on two CPU threads. Not converged; with fewer steps the samples are per-patch colour
 # noise that no layout head can place.
@@ -86,33 +89,8 @@ def encode_toy_scenes(encoders, world: ToyWorld, indices) -> ToyBatch:
     return ToyBatch(torch.cat(latents), torch.cat(states), torch.cat(pooled), captions)
 
 
-def flux_velocity(transformer, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, pooled: Tensor,
-                  guidance: float = PRETRAIN_GUIDANCE) -> Tensor:
-    """The velocity of a B×C×h×w latent, calling ``FluxTransformer2DModel`` as ``FluxPipeline`` does."""
-    from mpp.nn.packing import image_ids, pack_latents, text_ids, unpack_latents
-
-    b, _, h, w = x_t.shape
-    dtype = next(transformer.parameters()).dtype
-    kwargs = {}
-    if transformer.config.guidance_embeds:
-        kwargs["guidance"] = torch.full((b,), float(guidance), device=x_t.device, dtype=dtype)
-    out = transformer(
-        hidden_states=pack_latents(x_t.to(dtype)),
-        encoder_hidden_states=prompt_embeds.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        timestep=t.to(device=x_t.device, dtype=dtype),  # in [0, 1]; the model multiplies by 1000
-        img_ids=image_ids(h // 2, w // 2, device=x_t.device, dtype=dtype),
-        txt_ids=text_ids(prompt_embeds.shape[1], device=x_t.device, dtype=dtype),
-        return_dict=False,
-        **kwargs,
-    )[0]
-    return unpack_latents(out, h, w)
-
-
 def toy_flow_loss(transformer, batch: ToyBatch, noise: Tensor, t: Tensor) -> Tensor:
     """Flow-matching MSE of ``transformer`` on ``batch`` for the given noise and timesteps."""
-    from mpp.flow import flow_matching_loss, noisy_latents
-
     x_t = noisy_latents(batch.latents, noise, t)
     return flow_matching_loss(flux_velocity(transformer, x_t, t, batch.prompt_embeds, batch.pooled), batch.latents, noise)
 
@@ -185,11 +163,6 @@ def pretrain_toy_backbone(
 
 
 def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scenes, log_every) -> dict:
-    from diffusers import FluxTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    from mpp.encoders import Encoders
-    from mpp.flow import sample_timesteps
     from mpp.prepare import toy_encoder_settings
 
     start = time.perf_counter()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mpp.nn import MppFlux, image_ids, pack_latents, text_ids, unpack_latents
+from mpp.nn import MppFlux, flux_velocity
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tiny_flux.json"
 DIMS = {"clip_dim": 12, "dino_dim": 10, "text_dim": 8}
@@ -34,6 +34,12 @@ def random_boxes(gen: torch.Generator, b: int, n: int) -> torch.Tensor:
     return boxes
 
 
+def plain_forward(backbone, inputs: dict) -> torch.Tensor:
+    """The plain backbone (diffusers' own forward) on `make_inputs`' inputs, B×C×h×w."""
+    return flux_velocity(backbone, inputs["latents"], inputs["timesteps"], inputs["prompt_embeds"],
+                         inputs["pooled_prompt_embeds"], guidance=float(inputs["guidance"][0]))
+
+
 def make_inputs(seed: int = 0, b: int = 2, n: int = 3, h: int = 12, w: int = 16, mask=None, boxes=None) -> dict:
     """Random MppFlux.forward keyword arguments for the tiny config (64 in-channels → 16 latent channels)."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,22 +61,6 @@ def make_inputs(seed: int = 0, b: int = 2, n: int = 3, h: int = 12, w: int = 16,
         "dino_embeds": torch.randn(b, n, DIMS["dino_dim"], generator=gen),
         "guidance": torch.full((b,), 3.5),
     }
-
-
-def plain_forward(backbone, inputs: dict) -> torch.Tensor:
-    """diffusers' own FluxTransformer2DModel forward on the same inputs, unpacked to B×C×h×w."""
-    lat = inputs["latents"]
-    h, w = lat.shape[-2:]
-    out = backbone(
-        hidden_states=pack_latents(lat),
-        encoder_hidden_states=inputs["prompt_embeds"],
-        pooled_projections=inputs["pooled_prompt_embeds"],
-        timestep=inputs["timesteps"],
-        img_ids=image_ids(h // 2, w // 2),
-        txt_ids=text_ids(inputs["prompt_embeds"].shape[1]),
-        guidance=inputs["guidance"],
-    ).sample
-    return unpack_latents(out, h, w)
 
 
 @torch.no_grad()

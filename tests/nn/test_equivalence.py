@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpp.nn import MppFlux, build_backbone
+from mpp.nn import HeadsConfig, MppFlux, build_backbone
 
 from nn_helpers import DIMS, make_inputs, plain_forward, randomize
 
@@ -70,7 +70,7 @@ def test_build_backbone_from_saved_folder(tmp_path, tiny_config):
     for bb in (loaded, direct):
         for (n1, p1), (n2, p2) in zip(source.state_dict().items(), bb.state_dict().items()):
             assert n1 == n2 and torch.equal(p1, p2)
-    model = MppFlux(loaded, **DIMS, lora_rank=4).eval()
+    model = MppFlux(loaded, **DIMS, heads=HeadsConfig(lora_rank=4)).eval()
     inputs = make_inputs(seed=5, n=2)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).velocity, plain_forward(source, inputs), atol=ATOL, rtol=RTOL)

@@ -7,20 +7,20 @@ import torch
 from diffusers import FluxPipeline
 from nn_helpers import DIMS
 
-from mpp.nn import MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
+from mpp.nn import HeadsConfig, MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
 from mpp.nn.lora import base_linear, lora_delta
 
 
 def test_lora_scope_validation_names_the_argument(tiny_config):
     with pytest.raises(ValueError, match="lora_scope"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, lora_scope="everywhere")
+        MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(lora_scope="everywhere"))
     with pytest.raises(ValueError, match="lora_scope"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, lora_scope="layout", use_layout_head=False)
+        MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(lora_scope="layout", use_layout_head=False))
 
 
 def test_layout_block_validation(tiny_config):
     with pytest.raises(ValueError, match="layout_double_blocks"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, layout_double_blocks=[0, 9])
+        MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(layout_double_blocks=[0, 9]))
 
 
 def test_packing_matches_diffusers():
@@ -65,7 +65,7 @@ def test_bf16_backbone_with_fp32_heads(tiny_config):
     from nn_helpers import make_inputs, randomize
 
     torch.manual_seed(0)
-    model = MppFlux(build_backbone(config=tiny_config, torch_dtype=torch.bfloat16), **DIMS, lora_rank=4)
+    model = MppFlux(build_backbone(config=tiny_config, torch_dtype=torch.bfloat16), **DIMS, heads=HeadsConfig(lora_rank=4))
     randomize(model)
     assert all(p.dtype == torch.float32 for p in model.parameter_groups()["lora"])
     out = model(**make_inputs(n=3))
