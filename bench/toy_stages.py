@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -42,9 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from toy_quality import write_layouts  # noqa: E402
 
 from mpp.cli import main as fit  # noqa: E402
-from mpp.evaluate import ToyColorDetector, evaluate, load_generated  # noqa: E402
-from mpp.generate import generate, load_module, read_layouts, write_report  # noqa: E402
+from mpp.evaluate import ToyColorDetector, evaluate  # noqa: E402
+from mpp.generate import load_module  # noqa: E402
+from mpp.layouts import load_generated, read_layouts, write_report  # noqa: E402
 from mpp.losses import auc  # noqa: E402
+from mpp.sampling import generate  # noqa: E402
 from mpp.toy.codec import PatchCodec  # noqa: E402
 from mpp.toy.judge import judge_instances, load_or_train_judge  # noqa: E402
 from mpp.toy.scenes import ToyWorld, all_identities  # noqa: E402
@@ -126,8 +129,9 @@ def score(arm: dict, name: str, *, root: str, models: str, layouts_path: str, ju
     if errors:
         raise ValueError(f"bad held-out layouts: {errors}")
     out = os.path.join(root, name, "generated")
-    sampler = module.sampler(steps=steps, seed=0)
-    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampler=sampler)
+    sampling = replace(module.sampling, steps=steps, seed=0)
+    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampling=sampling,
+                       guidance=module.hparams.guidance)
     write_report(out, records, checkpoint=arm["ckpt"], layouts=layouts_path)
     images, scored, references = load_generated(out, layouts_path)
     result = evaluate(images, scored, ToyColorDetector(), references=references, encoders=module.encoders)

@@ -2,7 +2,7 @@
 
     mpp fit --config configs/stage1.yaml [--config configs/toy.yaml]   # = python main.py fit ...
     mpp prepare run SOURCE OUTPUT ...                                   # = python -m mpp.prepare
-    mpp generate --config ... --ckpt ... --layouts layouts.jsonl --out generated/
+    mpp generate --config ... --ckpt_path ... --layouts layouts.jsonl --out generated/
     mpp evaluate --generated generated/ --layouts layouts.jsonl
     mpp toy models .cache/toy/models
 """

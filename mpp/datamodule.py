@@ -15,6 +15,7 @@ from mpp.data.dataset import PreparedDataset, packed_collate, unpack
 from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
 from mpp.data.sampler import ResumableShardSampler
 from mpp.encoders import EncoderSettings
+from mpp.layouts import read_layouts
 from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
 from mpp.toy.vision import VISION_PRETRAIN_STEPS
 
@@ -68,7 +69,7 @@ class MppDataModule(L.LightningDataModule):
         max_bad_records: a run stops, listing them, once more records than this failed validation.
         seed: seed of the per-epoch shuffle.
         toy: when set, `prepare_data` builds the toy world into `root` if it is not complete.
-        predict_file: the layouts JSONL that `predict` generates (mpp.generate's format); its bad
+        predict_file: the layouts JSONL that `predict` generates (`mpp.layouts`' format); its bad
             lines are logged by number, kept in `predict_errors`, and skipped.
     """
 
@@ -164,8 +165,6 @@ class MppDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """One layout of `predict_file` per step, as {"index", "layout", "resolution"}."""
-        from mpp.generate import read_layouts
-
         if not self.predict_file:
             raise ValueError("predict needs --data.predict_file: a JSONL of layouts")
         if self.trainer is not None and self.trainer.world_size > 1:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
+from mpp.layouts import load_generated
 from mpp.toy.scenes import box_iou, color_mask, mask_box
 
 
@@ -105,33 +105,9 @@ def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: 
     return result
 
 
-def load_generated(generated_dir: str, layouts_path: str):
-    """Reads generate's output and the layouts it came from (boxes normalized as in generation)."""
-    with open(os.path.join(generated_dir, "generated.json")) as f:
-        report = json.load(f)
-    raw = {}
-    root = os.path.dirname(os.path.abspath(layouts_path))
-    with open(layouts_path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                data = json.loads(line)
-                raw[str(data.get("id", f"line{number:05d}"))] = data
-    images, layouts, references = {}, {}, {}
-    for record in report["images"]:
-        image = np.asarray(Image.open(os.path.join(generated_dir, record["image"])).convert("RGB"))
-        images[record["id"]] = image
-        insts = raw[record["id"]]["instances"]
-        layouts[record["id"]] = {"instances": [{**inst, "bbox": box} for inst, box in zip(insts, record["boxes"])]}
-        for inst in insts:
-            ref = inst.get("reference")
-            if ref and ref not in references:
-                references[ref] = np.asarray(Image.open(os.path.join(root, ref)).convert("RGB"))
-    return images, layouts, references
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mpp evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--generated", required=True, help="output folder of python -m mpp.generate")
+    p.add_argument("--generated", required=True, help="output folder of mpp generate")
     p.add_argument("--layouts", required=True, help="the layouts JSONL it generated from (with instance colours)")
     p.add_argument("--tol", type=float, default=40.0, help="colour tolerance of the toy detector")
     p.add_argument("--dino", default=None, help="DINOv2 hub id or folder for the identity similarity")

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from mpp.checkpoints import load_checkpoint
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
 from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, identity_loss, identity_weights
 from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, build_backbone, set_trainable
+from mpp.sampling import SamplingConfig, generate_one, sample_latents
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +48,11 @@ class Loss:
     shift: float | None = None
 
 
-@dataclass
-class Sampling:
-    """Euler sampling for logged images and generation."""
-
-    steps: int = 28
-    shift: float | None = 3.0
-    seed: int = 0
-    layout_guidance: float = 1.0  # classifier-free guidance on the layout (mpp.generate.sample_latents); 1: off
-
-
 FSDP_WRAPPED = "_fsdp_wrapped_module."
 
-# checkpoints written before HeadsConfig moved to mpp.nn pickle their hyperparameters under this name
-Heads = HeadsConfig
+# checkpoints written before HeadsConfig and SamplingConfig moved below Lightning pickle their
+# hyperparameters under these names
+Heads, Sampling = HeadsConfig, SamplingConfig
 
 
 def _seed(*parts: int) -> int:
@@ -80,12 +73,12 @@ class MppModule(L.LightningModule):
         encoders: the frozen encoders (linked from data.encoders by the CLI).
         heads: head and LoRA sizes.
         loss: loss weights and timestep sampler.
-        guidance: guidance value fed to a guidance-distilled backbone while training.
+        guidance: guidance value fed to a guidance-distilled backbone, in training and sampling.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up in optimizer steps, then constant.
         seed: seeds the noise and timesteps, together with the step and the rank.
-        sampling: Euler sampling of logged images.
+        sampling: Euler sampling of logged images and generation (`predict`, `mpp generate`).
     """
 
     def __init__(
@@ -103,7 +96,7 @@ class MppModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         seed: int = 0,
-        sampling: Sampling | None = None,
+        sampling: SamplingConfig | None = None,
     ):
         super().__init__()
         if stage not in STAGE_GROUPS:
@@ -113,7 +106,7 @@ class MppModule(L.LightningModule):
         self.encoder_settings = encoders or EncoderSettings()
         self.heads = heads or HeadsConfig()
         self.loss_cfg = loss or Loss()
-        self.sampling = sampling or Sampling()
+        self.sampling = sampling or SamplingConfig()
         self.model: MppFlux | None = None
         self._encoders: Encoders | None = None
         self.init_from: str | None = None  # a previous stage's checkpoint: weights only
@@ -158,8 +151,6 @@ class MppModule(L.LightningModule):
         return {name for name, p in self._named_parameters() if p.requires_grad}
 
     def _load_previous_stage(self, path: str) -> None:
-        from mpp.checkpoints import load_checkpoint
-
         ckpt = load_checkpoint(path)
         previous = STAGE_GROUPS[ckpt["mpp"]["stage"]]
         expected = {id(p) for g in previous for p in self.model.parameter_groups()[g]}
@@ -188,8 +179,6 @@ class MppModule(L.LightningModule):
                              "previous stage's --ckpt_path (stage + 1) or use the same stage's config")
         state = checkpoint.get("state_dict")
         if state is None:  # FSDP's strategy loads the weights itself and hands this hook the rest
-            from mpp.checkpoints import load_checkpoint
-
             state = load_checkpoint(self.trainer.ckpt_path, mmap=True)["state_dict"]
         missing = sorted(self.owned_keys() - set(state))
         if missing:
@@ -295,27 +284,16 @@ class MppModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict, *, seed: int | None = None, steps: int | None = None) -> Tensor:
         """Euler-samples latents for the batch's layouts from a fixed seed; returns B×C×h×w."""
-        from mpp.generate import sample_latents
-
         g = torch.Generator().manual_seed(self.sampling.seed if seed is None else seed)
         noise = torch.randn(batch["latents"].shape, generator=g).to(self.device)
-        return sample_latents(self.model, batch, noise, steps=steps or self.sampling.steps,
-                              shift=self.sampling.shift, guidance=self.hparams.guidance,
-                              layout_guidance=self.sampling.layout_guidance)
-
-    def sampler(self, **overrides):
-        """`sampling` and `guidance` as `mpp.generate.Sampler`, with `overrides` of its fields."""
-        from mpp.generate import Sampler
-
-        return Sampler(**{**asdict(self.sampling), "guidance": self.hparams.guidance, **overrides})
+        sampling = replace(self.sampling, steps=steps or self.sampling.steps)
+        return sample_latents(self.model, batch, noise, sampling, guidance=self.hparams.guidance)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Samples one layout of `data.predict_file` with `sampling` (seed `sampling.seed` + its index);
         `mpp.callbacks.LayoutWriter` writes what this returns."""
-        from mpp.generate import generate_one
-
         pixels, alpha, seed = generate_one(self.model, self.encoders, batch["layout"], resolution=batch["resolution"],
-                                           sampler=self.sampler(), index=batch["index"])
+                                           sampling=self.sampling, index=batch["index"], guidance=self.hparams.guidance)
         return {"layout": batch["layout"], "pixels": pixels, "alpha": alpha, "seed": seed}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

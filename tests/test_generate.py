@@ -8,7 +8,8 @@ from PIL import Image
 
 from mpp.cli import main as cli_main
 from mpp.__main__ import main as mpp_main
-from mpp.generate import read_layouts, sample_latents
+from mpp.layouts import read_layouts
+from mpp.sampling import SamplingConfig, sample_latents
 from tests.helpers import toy_conditioning
 from tests.test_training import fit_args
 
@@ -55,7 +56,7 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     configs = [flags[i + 1] for i, a in enumerate(flags) if a == "--config"]
     overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
     out = tmp_path / "out"
-    assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt", str(ckpt),
+    assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
                      "--layouts", "layouts.jsonl", "--out", str(out), "--steps", "2", *overrides]) == 0
     report = json.load(open(out / "generated.json"))
     assert [r["id"] for r in report["images"]] == ["shot1", "shot5"]
@@ -99,6 +100,25 @@ def test_layout_guidance_extrapolates_from_the_same_model_without_instances(toy_
         v = model(latents=noise, timesteps=t, guidance=torch.full_like(t, 3.5), **batch).velocity
         v0 = model(latents=noise, timesteps=t, guidance=torch.full_like(t, 3.5),
                    **{**batch, "instance_mask": torch.zeros(1, 2, dtype=torch.bool)}).velocity
-    guided = sample_latents(model, batch, noise, steps=1, shift=None, guidance=3.5, layout_guidance=3.0)
+    guided = sample_latents(model, batch, noise, SamplingConfig(steps=1, shift=None, layout_guidance=3.0), guidance=3.5)
     assert (v - v0).abs().max() > 1e-3  # the layout matters, so the check below can fail
     torch.testing.assert_close(guided, noise - (v0 + 3.0 * (v - v0)), rtol=1e-4, atol=1e-5)
+
+
+def test_ckpt_is_a_deprecated_name_of_ckpt_path(monkeypatch):
+    import mpp.generate
+
+    class Loaded(Exception):
+        pass
+
+    def load_module(configs, ckpt, overrides):
+        raise Loaded(ckpt)
+
+    monkeypatch.setattr(mpp.generate, "load_module", load_module)
+    flags = ["--config", "c.yaml", "--layouts", "l.jsonl", "--out", "out"]
+    with pytest.warns(FutureWarning, match="--ckpt_path"), pytest.raises(Loaded, match="old.ckpt"):
+        mpp.generate.main([*flags, "--ckpt", "old.ckpt"])
+    with pytest.raises(ValueError, match="--ckpt_path"):
+        mpp.generate.main([*flags, "--ckpt", "old.ckpt", "--ckpt_path", "new.ckpt"])
+    with pytest.raises(SystemExit):
+        mpp.generate.main(flags)

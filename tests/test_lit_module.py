@@ -3,6 +3,7 @@
 import pickle
 
 from mpp.nn import HeadsConfig
+from mpp.sampling import SamplingConfig
 
 
 def _as_if_pickled_under(obj, module: str, name: str) -> bytes:
@@ -17,3 +18,5 @@ def _as_if_pickled_under(obj, module: str, name: str) -> bytes:
 def test_hyperparameters_of_checkpoints_from_before_the_config_moves_unpickle():
     heads = HeadsConfig(lora_rank=4, lora_scope="all")
     assert pickle.loads(_as_if_pickled_under(heads, "mpp.lit_module", "Heads")) == heads
+    sampling = SamplingConfig(steps=2, layout_guidance=3.0)
+    assert pickle.loads(_as_if_pickled_under(sampling, "mpp.lit_module", "Sampling")) == sampling

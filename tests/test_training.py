@@ -217,11 +217,12 @@ def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
     assert heads and all(not k.startswith("backbone.") for k in heads)
 
     # the Python API rebuilds the same model from the export alone, without Lightning
-    from mpp.generate import load_exported
+    from mpp.export import load_exported
 
-    model, settings, sampler = load_exported(str(export))
+    model, config = load_exported(str(export))
     trained = cli.model.model.eval()
-    assert settings == cli.model.encoder_settings and sampler.guidance == cli.model.hparams.guidance
+    assert config.encoders == cli.model.encoder_settings and config.guidance == cli.model.hparams.guidance
+    assert config.sampling == cli.model.sampling and config.heads == cli.model.heads
     g = torch.Generator().manual_seed(0)
     inputs = dict(latents=torch.randn(2, 16, 16, 16, generator=g), timesteps=torch.rand(2, generator=g),
                   **toy_conditioning(2, 3, g))
