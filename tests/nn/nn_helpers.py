@@ -1,4 +1,4 @@
-"""Helpers for the mpp.nn tests (imported by name: tests/nn is on sys.path under pytest)."""
+"""Helpers for the mpp.nn tests."""
 
 from __future__ import annotations
 
