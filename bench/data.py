@@ -17,8 +17,9 @@ import time
 from safetensors.torch import load_file
 
 from mpp.data.layout import read_manifest, sample_path
-from mpp.datamodule import MppDataModule, ToyData
-from mpp.prepare import toy_encoder_settings
+from mpp.datamodule import MppDataModule
+from mpp.toy.prepare import ToyData
+from mpp.toy.bundle import toy_encoder_settings
 
 
 def bare_read(root: str, records: list[dict]) -> None:

@@ -3,11 +3,18 @@
 `Encoders` loads each model lazily with `from_pretrained` from a hub id or a local folder, so a
 training run that needs only the VAE decoder and DINOv2 never loads T5. Images are tensors in
 [-1, 1], boxes are normalized xyxy.
+
+The VAE is diffusers' `AutoencoderKL` unless its `config.json` names another class by import path,
+`"_class_path": "package.module.Class"`: a `torch.nn.Module` with `from_pretrained(path,
+subfolder=..., revision=...)`, a `config` with `scaling_factor` and `shift_factor`, a
+`downsample_factor`, and `encode(x)`/`decode(z)` that return tensors (the toy world's
+`mpp.toy.codec.PatchCodec` is one).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -115,6 +122,20 @@ def _normalization(path: str, revision: str | None, default_mean, default_std):
     return tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
 
 
+VAE_CLASS_PATH = "_class_path"  # the key of a VAE config.json that names a class that is not AutoencoderKL
+
+
+def _import_class(path: str, where: str) -> type[torch.nn.Module]:
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot import {path!r}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{where}: {path!r} is not an importable torch.nn.Module class")
+    return cls
+
+
 def embedding_dims(settings: EncoderSettings) -> dict[str, int]:
     """Widths of the stored embeddings, read from the encoders' configs without loading weights."""
     from transformers import AutoConfig
@@ -170,10 +191,9 @@ class Encoders:
     def vae(self) -> torch.nn.Module:
         s = self.settings
         cfg = _read_json(s.flux, "config.json", subfolder="vae", revision=s.revision) or {}
-        if cfg.get("_class_name") == "PatchCodec":
-            from mpp.toy.codec import PatchCodec
-
-            return self._ready(PatchCodec.from_pretrained(s.flux, subfolder="vae"))
+        if cfg.get(VAE_CLASS_PATH):
+            cls = _import_class(cfg[VAE_CLASS_PATH], f"{s.flux}/vae/config.json {VAE_CLASS_PATH}")
+            return self._ready(cls.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
         from diffusers import AutoencoderKL
 
         return self._ready(AutoencoderKL.from_pretrained(s.flux, subfolder="vae", revision=s.revision))

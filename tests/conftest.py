@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpp.prepare import prepare_dataset, toy_encoder_settings
+from mpp.prepare import prepare_dataset
+from mpp.toy.bundle import toy_encoder_settings
 
 TOY_SIZE = 128
 

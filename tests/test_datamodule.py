@@ -153,8 +153,8 @@ def test_too_many_bad_records_stop_the_run_with_the_list(toy_prepared, toy_setti
 
 
 def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
-    from mpp.datamodule import ToyData
-    from mpp.prepare import toy_encoder_settings
+    from mpp.toy.prepare import ToyData
+    from mpp.toy.bundle import toy_encoder_settings
 
     dm = MppDataModule(str(tmp_path / "toy"), encoders=toy_encoder_settings(toy_models), resolution=TOY_SIZE,
                        toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE, pretrain_steps=0,

@@ -124,7 +124,7 @@ def test_other_encoder_settings_are_refused(toy_prepared, toy_settings, toy_raw,
 def test_encoder_weights_changed_in_place_are_refused(toy_prepared, toy_models, tmp_path):
     """Same folders, re-fitted VAE: the dataset's latents are stale, and the datamodule says so."""
     from mpp.datamodule import MppDataModule
-    from mpp.prepare import toy_encoder_settings
+    from mpp.toy.bundle import toy_encoder_settings
     from mpp.toy.codec import PatchCodec
 
     models = tmp_path / "models"
@@ -144,23 +144,6 @@ def test_encoder_weights_changed_in_place_are_refused(toy_prepared, toy_models, 
         MppDataModule(root=str(data), encoders=toy_encoder_settings(str(models)), resolution=TOY_SIZE,
                       val_fraction=0.2).setup("fit")
     assert "flux/vae" in str(e.value)
-
-
-def test_toy_data_is_prepared_again_when_its_models_change(toy_models, tmp_path):
-    from mpp.prepare import prepare_toy, toy_encoder_settings
-    from mpp.toy.codec import PatchCodec
-
-    models, data = tmp_path / "models", tmp_path / "data"
-    shutil.copytree(toy_models, models)
-    prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
-    before = {r["id"]: r for r in read_manifest(str(data / "manifest.jsonl"))}
-    codec = PatchCodec.from_pretrained(models, subfolder="vae")
-    codec.channel_std.mul_(2.0)
-    codec.save_pretrained(models / "vae")
-    result = prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
-    assert sorted(result.written) == sorted(before)  # every sample encoded again, none kept
-    info = json.loads((data / "prepare.json").read_text())
-    assert info["encoders"] == toy_encoder_settings(str(models)).identity()
 
 
 # ---- bad inputs: one test per case, each names the file and the good samples still come out ----

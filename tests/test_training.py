@@ -18,7 +18,7 @@ from mpp.cli import MppCLI, main
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.nn.model import STAGE_GROUPS
-from mpp.prepare import toy_encoder_settings
+from mpp.toy.bundle import toy_encoder_settings
 from tests.helpers import Recorder, toy_conditioning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -33,6 +33,7 @@ from mpp.encoders import Encoders
 from mpp.flow import flow_matching_loss, noisy_latents, sample_timesteps
 from mpp.nn import flux_velocity
 
+from .bundle import toy_encoder_settings
 from .scenes import ToyWorld
 
 __all__ = [
@@ -163,11 +164,9 @@ def pretrain_toy_backbone(
 
 
 def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scenes, log_every) -> dict:
-    from mpp.prepare import toy_encoder_settings
-
     start = time.perf_counter()
     torch.manual_seed(seed)
-    encoders = Encoders(toy_encoder_settings(os.fspath(models_dir)))
+    encoders = Encoders(toy_encoder_settings(models_dir))
     data = encode_toy_scenes(encoders, world, range(PRETRAIN_INDEX_OFFSET, PRETRAIN_INDEX_OFFSET + num_scenes))
     heldout = encode_toy_scenes(encoders, world, range(HELDOUT_INDEX_OFFSET, HELDOUT_INDEX_OFFSET + HELDOUT_SIZE))
     del encoders

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -46,9 +47,25 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_marker_triggers_rebuild(toy_bundle, tmp_path, monkeypatch):
-    import shutil
+def test_a_bundle_from_before_the_codec_named_its_class_gets_the_name(toy_bundle, tmp_path):
+    from mpp.encoders import VAE_CLASS_PATH, Encoders
+    from mpp.toy.bundle import toy_encoder_settings
+    from mpp.toy.codec import PatchCodec
 
+    old = tmp_path / "old"
+    shutil.copytree(toy_bundle, old)
+    config_path = old / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config[VAE_CLASS_PATH]
+    config_path.write_text(json.dumps(config))
+    weights = (old / "vae" / "model.safetensors").read_bytes()
+    assert build_toy_models(old) == old  # no rebuild
+    assert json.loads(config_path.read_text())[VAE_CLASS_PATH] == "mpp.toy.codec.PatchCodec"
+    assert (old / "vae" / "model.safetensors").read_bytes() == weights
+    assert isinstance(Encoders(toy_encoder_settings(old)).vae, PatchCodec)
+
+
+def test_stale_marker_triggers_rebuild(toy_bundle, tmp_path, monkeypatch):
     import mpp.toy.models as models
 
     stale = tmp_path / "cache"

@@ -16,7 +16,7 @@ def test_pretrain_lowers_loss_deterministic_and_loads(toy_bundle, tmp_path):
     from safetensors.torch import load_file
 
     from mpp.encoders import Encoders
-    from mpp.prepare import toy_encoder_settings
+    from mpp.toy.bundle import toy_encoder_settings
     from mpp.toy.pretrain import encode_toy_scenes, pretrain_toy_backbone, toy_flow_loss
 
     world = ToyWorld(seed=0)

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from mpp.toy.scenes import BACKGROUND_TONES, ELEMENT_KINDS, IDENTITY_COLORS, ToyWorld, color_mask, mask_box
+from mpp.evaluate import box_iou, color_mask, mask_box
+from mpp.toy.scenes import BACKGROUND_TONES, ELEMENT_KINDS, IDENTITY_COLORS, ToyWorld
 
 N_SCENES = 200
 
@@ -121,8 +122,6 @@ def test_scene_sanity(world, scenes):
 
 def test_shapes_reach_box_extents(world, scenes):
     """The colour's bounding box is the instance box when nothing is drawn over it."""
-    from mpp.toy.scenes import box_iou
-
     checked = 0
     for s in scenes[:80]:
         for k, inst in enumerate(s.instances):
@@ -163,16 +162,6 @@ def test_reference(world):
     assert ref.shape == (64, 64, 3) and ref.dtype == np.uint8
     assert color_mask(ref, ident.color, tol=1).mean() > 0.4
     assert np.array_equal(ref, ToyWorld(seed=0).reference(ident.name))
-
-
-def test_mask_box():
-    m = np.zeros((20, 30), dtype=bool)
-    assert mask_box(m) is None
-    m[5:15, 10:20] = True
-    assert mask_box(m) == (10, 5, 20, 15)
-    m[0, 0] = True  # one stray pixel
-    assert mask_box(m) == (0, 0, 20, 15)
-    assert mask_box(m, trim=0.02) == (10, 5, 20, 15)
 
 
 def test_cast_names_the_characters_and_round_trips_through_config():

@@ -8,7 +8,8 @@ import torch
 
 from mpp.toy.codec import PatchCodec
 from mpp.toy.judge import judge_instances, load_or_train_judge
-from mpp.toy.scenes import IDENTITY_COLORS, ToyWorld, all_identities, color_mask, identity_from_name
+from mpp.evaluate import color_mask
+from mpp.toy.scenes import IDENTITY_COLORS, ToyWorld, all_identities, identity_from_name
 from mpp.toy.vision import identity_labels, pretrain_vision_encoders, render_crops
 
 
