@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from mpp.data.layout import read_manifest, sample_path
 from mpp.data.sampler import ResumableShardSampler
 from mpp.datamodule import MppDataModule
-from tests.conftest import TOY_SIZE
+from tests.helpers import TOY_SIZE
 
 
 def _dm(root, settings, **kw):

@@ -1,40 +1,14 @@
+"""The `mpp generate` command and `main.py predict`: the same images and report from a checkpoint."""
+
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mpp.cli import main as cli_main
 from mpp.__main__ import main as mpp_main
-from mpp.layouts import read_layouts
-from mpp.sampling import SamplingConfig, sample_latents
-from tests.helpers import toy_conditioning
-from tests.test_training import fit_args
-
-
-def test_read_layouts_reports_bad_lines_by_number(tmp_path):
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ref.png")
-    (tmp_path / "broken.png").write_bytes(b"not an image")
-    lines = [
-        {"id": "a", "prompt": "a red square", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "caption": "a red square", "reference": "ref.png"}]},
-        {"id": "b", "prompt": "x"},
-        {"id": "c", "prompt": "x", "instances": [{"bbox": [10, 10, 300, 40]}]},
-        {"id": "d", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.2, 0.2], "reference": "missing.png"}]},
-        {"id": "e", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.2, 0.2], "reference": "broken.png"}]},
-        {"id": "f", "prompt": "two boxes in pixels", "instances": [{"bbox": [0, 0, 64, 64]}, {"bbox": [64, 64, 128, 128]}]},
-    ]
-    path = tmp_path / "layouts.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
-    layouts, errors = read_layouts(str(path), resolution=128)
-    assert [x.id for x in layouts] == ["a", "f"]
-    assert layouts[1].boxes.tolist() == [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]
-    assert errors[0].startswith(f"{path}:2:") and "instances" in errors[0]
-    assert errors[1].startswith(f"{path}:3:") and "outside" in errors[1]
-    assert errors[2].startswith(f"{path}:4:") and "missing.png does not exist" in errors[2]
-    assert errors[3].startswith(f"{path}:5:") and "unreadable image" in errors[3]
-    assert errors[4].startswith(f"{path}:7:")
+from tests.helpers import fit_args
 
 
 def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_models, toy_prepared, toy_world):
@@ -80,29 +54,6 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
         cli_main(no_ckpt)
     with pytest.raises(ValueError, match="--data.predict_file"):
         cli_main([a for a in predict if not a.startswith("--data.predict_file")])
-
-
-def test_layout_guidance_extrapolates_from_the_same_model_without_instances(toy_models, toy_settings):
-    from mpp.encoders import embedding_dims
-    from mpp.nn import HeadsConfig, MppFlux, build_backbone
-
-    torch.manual_seed(0)
-    model = MppFlux(build_backbone(toy_models), **embedding_dims(toy_settings), heads=HeadsConfig(lora_rank=4)).eval()
-    with torch.no_grad():  # give the zero-initialized projections weight, so the layout changes the output
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    g = torch.Generator().manual_seed(1)
-    batch = toy_conditioning(1, 2, g, txt_len=8)
-    noise = torch.randn(1, 16, 16, 16, generator=g)
-    t = torch.ones(1)
-    with torch.no_grad():
-        v = model(latents=noise, timesteps=t, guidance=torch.full_like(t, 3.5), **batch).velocity
-        v0 = model(latents=noise, timesteps=t, guidance=torch.full_like(t, 3.5),
-                   **{**batch, "instance_mask": torch.zeros(1, 2, dtype=torch.bool)}).velocity
-    guided = sample_latents(model, batch, noise, SamplingConfig(steps=1, shift=None, layout_guidance=3.0), guidance=3.5)
-    assert (v - v0).abs().max() > 1e-3  # the layout matters, so the check below can fail
-    torch.testing.assert_close(guided, noise - (v0 + 3.0 * (v - v0)), rtol=1e-4, atol=1e-5)
 
 
 def test_ckpt_is_a_deprecated_name_of_ckpt_path(monkeypatch):

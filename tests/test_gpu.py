@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mpp.cli import main
-from tests.test_training import fit_args, recorder
+from tests.helpers import fit_args, recorder
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import mpp.prepare as prepare_mod
 from mpp.data.layout import file_sha256, read_manifest, sample_path
 from mpp.prepare import merge_shards, prepare_dataset
-from tests.conftest import TOY_SIZE
+from tests.helpers import TOY_SIZE
 
 
 def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settings):

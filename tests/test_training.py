@@ -18,34 +18,12 @@ from mpp.cli import MppCLI, main
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.nn.model import STAGE_GROUPS
-from mpp.toy.bundle import toy_encoder_settings
-from tests.helpers import Recorder, toy_conditioning
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fit_args(stage, toy_models, toy_prepared, *extra, overlays=("tests/conf/fast.yaml",)):
-    enc = toy_encoder_settings(toy_models)
-    configs = [f"configs/stage{stage}.yaml", "configs/toy.yaml", *overlays]
-    return ["fit", *[a for c in configs for a in ("--config", os.path.join(ROOT, c))],
-            f"--model.backbone={toy_models}", f"--data.root={toy_prepared}", f"--data.encoders.flux={enc.flux}",
-            f"--data.encoders.clip_vision={enc.clip_vision}", f"--data.encoders.dino={enc.dino}", *extra]
-
-
-def recorder(cli) -> Recorder:
-    return next(c for c in cli.trainer.callbacks if isinstance(c, Recorder))
-
+from tests.helpers import ROOT, fit_args, recorder
 
 def scalars(log_dir) -> EventAccumulator:
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return acc
-
-
-@pytest.fixture()
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _strategy_from(path):
@@ -196,38 +174,6 @@ def test_preemption_saves_a_checkpoint_and_stops(in_tmp, toy_models, toy_prepare
         assert step == 3
     ckpt = torch.load(in_tmp / "runs/checkpoints/stage1/preempted.ckpt", weights_only=False)
     assert ckpt["global_step"] == step
-
-
-def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
-
-    cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2",
-                        overlays=("tests/conf/fast.yaml", "tests/conf/export.yaml")))
-    export = in_tmp / "runs/export/stage1"
-    fresh = FluxTransformer2DModel.from_pretrained(toy_models, subfolder="transformer")
-    fresh.load_lora_adapter(str(export / "lora.safetensors"), prefix="transformer", adapter_name="mpp")
-    ours = cli.model.model.lora_state_dict()
-    loaded = {n: p for n, p in fresh.named_parameters() if "lora_" in n}
-    assert len(loaded) == len(ours) > 0
-    for name, value in ours.items():
-        match = [p for n, p in loaded.items() if n.replace(".mpp", "") == name]
-        assert len(match) == 1 and torch.equal(match[0], value), name
-    heads = load_file(export / "heads.safetensors")
-    assert heads and all(not k.startswith("backbone.") for k in heads)
-
-    # the Python API rebuilds the same model from the export alone, without Lightning
-    from mpp.export import load_exported
-
-    model, config = load_exported(str(export))
-    trained = cli.model.model.eval()
-    assert config.encoders == cli.model.encoder_settings and config.guidance == cli.model.hparams.guidance
-    assert config.sampling == cli.model.sampling and config.heads == cli.model.heads
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(latents=torch.randn(2, 16, 16, 16, generator=g), timesteps=torch.rand(2, generator=g),
-                  **toy_conditioning(2, 3, g))
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).velocity, trained(**inputs).velocity, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.nn.nn_helpers import DIMS, LORA_RANK, load_tiny_config
+from tests.helpers import DIMS, LORA_RANK, load_tiny_config
 
 from mpp.nn import HeadsConfig, MppFlux, build_backbone
 

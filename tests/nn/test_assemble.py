@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
-from tests.nn.nn_helpers import make_inputs, random_boxes, randomize
+from tests.helpers import make_inputs, random_boxes, randomize
 
 from mpp.nn.assemble_attn import (
     assemble_double,

@@ -10,7 +10,7 @@ import torch
 
 from mpp.nn import HeadsConfig, MppFlux, build_backbone
 
-from tests.nn.nn_helpers import DIMS, make_inputs, plain_forward, randomize
+from tests.helpers import DIMS, make_inputs, plain_forward, randomize
 
 ATOL = RTOL = 1e-5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FluxPipeline
-from tests.nn.nn_helpers import DIMS
+from tests.helpers import DIMS
 
 from mpp.nn import HeadsConfig, MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
 from mpp.nn.lora import base_linear, lora_delta
@@ -53,7 +53,7 @@ def test_scope_layout_only_adapts_layout_blocks(make_model):
 
 
 def test_no_layout_head_variant_runs(make_model):
-    from tests.nn.nn_helpers import make_inputs
+    from tests.helpers import make_inputs
 
     model, _ = make_model(use_layout_head=False, lora_scope="all")
     assert model.parameter_groups()["layout"] == []
@@ -62,7 +62,7 @@ def test_no_layout_head_variant_runs(make_model):
 
 
 def test_bf16_backbone_with_fp32_heads(tiny_config):
-    from tests.nn.nn_helpers import make_inputs, randomize
+    from tests.helpers import make_inputs, randomize
 
     torch.manual_seed(0)
     model = MppFlux(build_backbone(config=tiny_config, torch_dtype=torch.bfloat16), **DIMS, heads=HeadsConfig(lora_rank=4))

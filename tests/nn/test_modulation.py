@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.nn.nn_helpers import make_inputs, plain_forward, randomize
+from tests.helpers import make_inputs, plain_forward, randomize
 
 import mpp.nn.model as model_mod
 from mpp.nn.blocks import double_block_forward, single_block_forward

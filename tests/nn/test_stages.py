@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.nn.nn_helpers import make_inputs, randomize
+from tests.helpers import make_inputs, randomize
 
 from mpp.nn import GROUPS, STAGE_GROUPS, set_trainable
 

@@ -25,13 +25,13 @@ def test_crops_show_the_labelled_character():
 
 
 @pytest.fixture(scope="module")
-def codec(toy_bundle):
-    return PatchCodec.from_pretrained(toy_bundle / "vae")
+def codec(toy_models):
+    return PatchCodec.from_pretrained(toy_models / "vae")
 
 
-def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_bundle, codec, tmp_path):
+def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_models, codec, tmp_path):
     models = tmp_path / "models"
-    shutil.copytree(toy_bundle, models)
+    shutil.copytree(toy_models, models)
     result = pretrain_vision_encoders(models, codec=codec, steps=150, batch_size=64, pool_size=1024)
     for kind in ("dino", "clip"):
         assert result[kind]["after"] > result[kind]["before"] + 0.05, result
@@ -40,7 +40,7 @@ def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_bundle, c
     from transformers import Dinov2Model
 
     trained = Dinov2Model.from_pretrained(models / "dino")
-    original = Dinov2Model.from_pretrained(toy_bundle / "dino")
+    original = Dinov2Model.from_pretrained(toy_models / "dino")
     assert not torch.equal(trained.embeddings.cls_token, original.embeddings.cls_token)
 
 
