@@ -85,7 +85,8 @@ def main() -> None:
     p.add_argument("--blocks", default="19,38", help="double,single blocks (FLUX.1-dev: 19,38)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--cudnn-attention", action="store_true",
-                   help="allow cuDNN's attention kernels, which mpp's training turns off (see MppModule.configure_model)")
+                   help="allow cuDNN's attention kernels, which mpp's training turns off "
+                        "(see MppModule.configure_model)")
     a = p.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(a.cudnn_attention)
     torch.manual_seed(0)
@@ -127,7 +128,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     tb, tm = statistics.median(times["bare"]), statistics.median(times["mpp"])
     print(json.dumps({
-        "device": torch.cuda.get_device_name() if cuda else a.device, "blocks": blocks, "resolution": a.resolution, "batch": a.batch,
+        "device": torch.cuda.get_device_name() if cuda else a.device, "blocks": blocks, "resolution": a.resolution,
+        "batch": a.batch,
         "instances": a.instances, "stage": a.stage, "lora_scope": a.scope, "gradient_checkpointing": a.checkpointing,
         "cudnn_attention": a.cudnn_attention,
         "trainable_params": count_parameters(trainable), "weights_gib": round(weights_gib, 2),

@@ -28,7 +28,6 @@ generated images (with box overlays) under <workdir>/<arm>/generated.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -73,7 +72,8 @@ def unseen_cast(count: int, seed: int) -> list[str]:
 
 
 def _paths(root: str, models: str) -> list[str]:
-    return [f"--data.root={os.path.join(root, 'data')}", f"--data.toy.models_dir={models}", f"--model.backbone={models}",
+    return [f"--data.root={os.path.join(root, 'data')}", f"--data.toy.models_dir={models}",
+            f"--model.backbone={models}",
             f"--data.encoders.flux={models}", f"--data.encoders.clip_vision={os.path.join(models, 'image_encoder')}",
             f"--data.encoders.dino={os.path.join(models, 'dino')}"]
 
@@ -138,7 +138,7 @@ def score(arm: dict, name: str, *, root: str, models: str, layouts_path: str, ju
     result.update(judge_instances(judge, images, scored))
     alphas, roles = [], []
     for record in records:
-        for inst, a in zip(scored[record["id"]]["instances"], record["alpha"]):
+        for inst, a in zip(scored[record["id"]]["instances"], record["alpha"], strict=True):
             alphas.append(a)
             roles.append(bool(inst.get("reference")))
     alphas, roles = torch.tensor(alphas), torch.tensor(roles)
@@ -157,7 +157,7 @@ def judge_on_truth(judge, codec, world: ToyWorld, count: int) -> dict:
     scenes = [world.scene(i) for i in range(count)]
     decoded = codec_round_trip(codec, to_tensor(np.stack([s.image for s in scenes])))
     images = {s.id: ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-              for s, x in zip(scenes, decoded)}
+              for s, x in zip(scenes, decoded, strict=True)}
     n = world.image_size
     layouts = {s.id: {"instances": [{"bbox": [v / n for v in inst.bbox], "identity": inst.identity}
                                     for inst in s.instances]} for s in scenes}
@@ -209,8 +209,10 @@ def main() -> None:
         "identity_stage3_minus_stage2": round(s3.get("identity_accuracy", 0) - s2.get("identity_accuracy", 0), 4),
     }
     print(json.dumps({"arms": arms, "summary": summary,
-                      "training": {name: {"steps": r["steps"], "curves": curves(r["logdir"])} for name, r in runs.items()},
-                      "judge": {"renders": judge_report, "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
+                      "training": {name: {"steps": r["steps"], "curves": curves(r["logdir"])}
+                                   for name, r in runs.items()},
+                      "judge": {"renders": judge_report,
+                                "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
                       "unseen_cast": cast, "minutes": [a.minutes1, a.minutes2, a.minutes3], "lr": LR,
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 

@@ -87,7 +87,8 @@ def weights_fingerprint(folder: str) -> str:
     """sha256 over the weight files of `folder` (names, sizes, first and last MiB of each): cheap
     for multi-GB encoders, and any re-training or re-fitting changes it."""
     h = hashlib.sha256()
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin"))) if os.path.isdir(folder) else []
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = sorted(n for n in names if n.endswith((".safetensors", ".bin")))
     for name in names:
         path = os.path.join(folder, name)
         size = os.path.getsize(path)
@@ -100,7 +101,8 @@ def weights_fingerprint(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_json(path_or_id: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> dict | None:
+def _read_json(path_or_id: str, filename: str, subfolder: str | None = None,
+               revision: str | None = None) -> dict | None:
     local = os.path.join(path_or_id, subfolder or "", filename)
     if os.path.isdir(path_or_id):
         if not os.path.exists(local):
@@ -178,7 +180,8 @@ class Encoders:
         device: where they run.
     """
 
-    def __init__(self, settings: EncoderSettings, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, settings: EncoderSettings, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
         self.settings = settings
         self.dtype = dtype
         self.device = torch.device(device)
@@ -238,19 +241,22 @@ class Encoders:
     def t5_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.settings.flux, subfolder="tokenizer_2", revision=self.settings.revision)
+        s = self.settings
+        return AutoTokenizer.from_pretrained(s.flux, subfolder="tokenizer_2", revision=s.revision)
 
     @cached_property
     def clip_text(self) -> torch.nn.Module:
         from transformers import CLIPTextModel
 
-        return self._ready(CLIPTextModel.from_pretrained(self.settings.flux, subfolder="text_encoder", revision=self.settings.revision))
+        s = self.settings
+        return self._ready(CLIPTextModel.from_pretrained(s.flux, subfolder="text_encoder", revision=s.revision))
 
     @cached_property
     def t5(self) -> torch.nn.Module:
         from transformers import T5EncoderModel
 
-        return self._ready(T5EncoderModel.from_pretrained(self.settings.flux, subfolder="text_encoder_2", revision=self.settings.revision))
+        s = self.settings
+        return self._ready(T5EncoderModel.from_pretrained(s.flux, subfolder="text_encoder_2", revision=s.revision))
 
     @torch.no_grad()
     def encode_texts_pooled(self, texts: list[str]) -> Tensor:

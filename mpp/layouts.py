@@ -154,7 +154,8 @@ def load_generated(generated_dir: str, layouts_path: str):
         image = np.asarray(Image.open(os.path.join(generated_dir, record["image"])).convert("RGB"))
         images[record["id"]] = image
         insts = raw[record["id"]]["instances"]
-        layouts[record["id"]] = {"instances": [{**inst, "bbox": box} for inst, box in zip(insts, record["boxes"])]}
+        boxes = record["boxes"]
+        layouts[record["id"]] = {"instances": [{**inst, "bbox": box} for inst, box in zip(insts, boxes, strict=True)]}
         for inst in insts:
             ref = inst.get("reference")
             if ref and ref not in references:

@@ -157,8 +157,8 @@ class MppModule(L.LightningModule):
         expected_keys = {n for n, p in self._named_parameters() if id(p) in expected}
         missing = sorted(expected_keys - set(ckpt["state_dict"]))
         if missing:
-            raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it trained, "
-                             f"e.g. {missing[:5]}")
+            raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it "
+                             f"trained, e.g. {missing[:5]}")
         unknown = sorted(set(ckpt["state_dict"]) - self.owned_keys())
         if unknown:
             raise ValueError(f"{path}: checkpoint holds {len(unknown)} weights this model lacks, e.g. {unknown[:5]}")
@@ -228,7 +228,8 @@ class MppModule(L.LightningModule):
         if not cfg.dino_own_timesteps:
             idx = (t < cfg.dino_t_threshold).nonzero().flatten()
             x0_hat = predicted_x0(x_t[idx], t[idx], out.velocity[idx])
-            return self._identity_on(x0_hat, batch, idx, identity_weights(out.alpha, roles, valid, out.has_reference)[idx])
+            weights = identity_weights(out.alpha, roles, valid, out.has_reference)[idx]
+            return self._identity_on(x0_hat, batch, idx, weights)
         carrying = (identity_weights(out.alpha, roles, valid) > 0).any(-1)
         order = torch.argsort((~carrying).to(torch.uint8), stable=True)[: cfg.dino_samples]
         idx = order[carrying[order]]
@@ -297,7 +298,8 @@ class MppModule(L.LightningModule):
         return {"layout": batch["layout"], "pixels": pixels, "alpha": alpha, "seed": seed}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and fsdp:
             # Lightning's FSDP precision plugin refuses norm clipping; FSDP computes the norm across shards
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
         else:

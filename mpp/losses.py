@@ -108,7 +108,7 @@ def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: flo
         return encoders.dino_embeds(crop)
 
     out = []
-    for (i, _, _, _, _), ((lx0, ly0, lx1, ly1), pixel) in zip(boxes.tolist(), windows):
+    for (i, _, _, _, _), ((lx0, ly0, lx1, ly1), pixel) in zip(boxes.tolist(), windows, strict=True):
         latent = x0[int(i) : int(i) + 1, :, ly0:ly1, lx0:lx1]
         if gradient_checkpointing and torch.is_grad_enabled():
             out.append(checkpoint(embed, latent, pixel, use_reentrant=False))

@@ -26,8 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mpp.data.layout import (
-    FORMAT_VERSION, atomic_write, atomic_write_json, read_manifest, read_prepare_info,
-    record_is_complete, sample_path, shard_manifest_name, write_manifest,
+    FORMAT_VERSION,
+    atomic_write,
+    atomic_write_json,
+    read_manifest,
+    read_prepare_info,
+    record_is_complete,
+    sample_path,
+    shard_manifest_name,
+    write_manifest,
 )
 from mpp.data.raw import RawSample, SampleError, list_sample_ids, load_raw_sample
 from mpp.encoders import EncoderSettings, Encoders, crop_boxes, parse_dtype
@@ -37,7 +44,8 @@ log = logging.getLogger(__name__)
 
 def prepare_info(settings: EncoderSettings, resolution: int, store_dtype: str) -> dict:
     """What prepare.json records and a training config must agree with."""
-    return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.identity(), "store_dtype": store_dtype}
+    return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.identity(),
+            "store_dtype": store_dtype}
 
 
 @dataclass
@@ -98,7 +106,8 @@ def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) 
         "num_instances": len(s.instance_captions),
         "instances": [
             {"bbox": [round(float(v), 6) for v in box], "caption": c, "foreground": fg, "reference": ref}
-            for box, c, fg, ref in zip(s.boxes.tolist(), s.instance_captions, s.foreground, s.reference_paths)
+            for box, c, fg, ref in zip(s.boxes.tolist(), s.instance_captions, s.foreground, s.reference_paths,
+                                       strict=True)
         ],
     }
     files = {"image": png.getvalue(), "caption": json.dumps(caption, indent=1).encode()}

@@ -26,7 +26,8 @@ def toy_conditioning(b: int, n: int, generator: torch.Generator, *, txt_len: int
 
     return {"prompt_embeds": randn(b, txt_len, width), "pooled_prompt_embeds": randn(b, width),
             "boxes": torch.tensor(BOXES[:n]).expand(b, n, 4), "instance_mask": torch.ones(b, n, dtype=torch.bool),
-            "instance_text": randn(b, n, width), "clip_embeds": randn(b, n, width), "dino_embeds": randn(b, n, dino_width)}
+            "instance_text": randn(b, n, width), "clip_embeds": randn(b, n, width),
+            "dino_embeds": randn(b, n, dino_width)}
 
 
 class Recorder(L.Callback):

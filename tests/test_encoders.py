@@ -56,7 +56,7 @@ def test_a_vae_class_path_that_is_no_module_class_is_refused(toy_models, tmp_pat
     config = json.loads((root / "vae" / "config.json").read_text())
     (root / "vae" / "config.json").write_text(json.dumps({**config, VAE_CLASS_PATH: path}))
     with pytest.raises(ValueError, match=f"{VAE_CLASS_PATH}.*{path}"):
-        Encoders(EncoderSettings(flux=str(root))).vae
+        _ = Encoders(EncoderSettings(flux=str(root))).vae
 
 
 def test_text_encoders_batch_independent(toy_settings):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mpp.cli import main as cli_main
 from mpp.__main__ import main as mpp_main
+from mpp.cli import main as cli_main
 from tests.helpers import fit_args
 
 
@@ -25,7 +25,8 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     bad = [{"id": "shot2", "prompt": "x", "instances": [{"bbox": [0, 0, 500, 10]}]},  # outside the image
            {"id": "shot3", "prompt": "x"},  # no boxes
            {"id": "shot4", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "reference": "nowhere.png"}]}]
-    (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in [bad[0], good, *bad[1:], {**good, "id": "shot5"}]) + "\n")
+    lines = [bad[0], good, *bad[1:], {**good, "id": "shot5"}]
+    (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     flags = [a for a in args[1:]]  # the same configs and flags as the training run
     configs = [flags[i + 1] for i, a in enumerate(flags) if a == "--config"]
     overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
@@ -42,7 +43,8 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     # `main.py predict` runs the same generation through Lightning: the same images, the same report
     predict = ["predict", *[x for c in configs for x in ("--config", c)], *overrides, f"--ckpt_path={ckpt}",
                "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2", "--model.sampling.seed=0",
-               "--trainer.callbacks+=mpp.callbacks.LayoutWriter", f"--trainer.callbacks.dirpath={tmp_path / 'predicted'}"]
+               "--trainer.callbacks+=mpp.callbacks.LayoutWriter",
+               f"--trainer.callbacks.dirpath={tmp_path / 'predicted'}"]
     assert cli_main(predict).config.predict.return_predictions is False  # images go to disk, not memory
     predicted = json.load(open(tmp_path / "predicted/generated.json"))
     assert predicted["images"] == report["images"]

@@ -12,12 +12,14 @@ def test_read_layouts_reports_bad_lines_by_number(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ref.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     lines = [
-        {"id": "a", "prompt": "a red square", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "caption": "a red square", "reference": "ref.png"}]},
+        {"id": "a", "prompt": "a red square",
+         "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "caption": "a red square", "reference": "ref.png"}]},
         {"id": "b", "prompt": "x"},
         {"id": "c", "prompt": "x", "instances": [{"bbox": [10, 10, 300, 40]}]},
         {"id": "d", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.2, 0.2], "reference": "missing.png"}]},
         {"id": "e", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.2, 0.2], "reference": "broken.png"}]},
-        {"id": "f", "prompt": "two boxes in pixels", "instances": [{"bbox": [0, 0, 64, 64]}, {"bbox": [64, 64, 128, 128]}]},
+        {"id": "f", "prompt": "two boxes in pixels",
+         "instances": [{"bbox": [0, 0, 64, 64]}, {"bbox": [64, 64, 128, 128]}]},
     ]
     path = tmp_path / "layouts.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")

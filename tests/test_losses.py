@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from mpp.encoders import Encoders, crop_boxes
-from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, identity_crops, identity_loss,
-                        identity_weights, latent_windows)
+from mpp.losses import (
+    alpha_loss,
+    alpha_metrics,
+    alpha_targets,
+    auc,
+    identity_crops,
+    identity_loss,
+    identity_weights,
+    latent_windows,
+)
 from mpp.nn.alpha import AlphaPredictor
 
 

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import mpp.prepare as prepare_mod
@@ -27,7 +26,7 @@ def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settin
         cap = json.load(open(sample_path(toy_prepared, "caption", r["id"])))
         raw = json.load(open(os.path.join(toy_raw, "captions", r["id"] + ".json")))
         assert cap["num_instances"] == n == len(raw["instances"])
-        for inst, src in zip(cap["instances"], raw["instances"]):
+        for inst, src in zip(cap["instances"], raw["instances"], strict=True):
             assert [round(v * TOY_SIZE, 3) for v in inst["bbox"]] == pytest.approx(src["bbox"], abs=1e-3)
         assert load_file(sample_path(toy_prepared, "clip", r["id"]))["embeds"].shape == (n, 32)
         assert load_file(sample_path(toy_prepared, "dino", r["id"]))["embeds"].shape == (n, 64)
@@ -94,7 +93,10 @@ def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch)
 
     clean = str(tmp_path / "clean")
     prepare_dataset(str(raw), clean, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
-    by_id = lambda root: {r["id"]: r for r in read_manifest(os.path.join(root, "manifest.jsonl"))}
+
+    def by_id(root):
+        return {r["id"]: r for r in read_manifest(os.path.join(root, "manifest.jsonl"))}
+
     assert by_id(out) == by_id(clean)
 
 
@@ -109,7 +111,9 @@ def test_sharded_then_merged_equals_unsharded(toy_raw, toy_settings, tmp_path):
     assert open(os.path.join(whole, "manifest.jsonl")).read() == open(os.path.join(sharded, "manifest.jsonl")).read()
     for r in read_manifest(os.path.join(whole, "manifest.jsonl")):
         for kind in r["files"]:
-            assert open(sample_path(whole, kind, r["id"]), "rb").read() == open(sample_path(sharded, kind, r["id"]), "rb").read()
+            with open(sample_path(whole, kind, r["id"]), "rb") as a:
+                with open(sample_path(sharded, kind, r["id"]), "rb") as b:
+                    assert a.read() == b.read()
 
 
 def test_other_encoder_settings_are_refused(toy_prepared, toy_settings, toy_raw, tmp_path):
@@ -171,12 +175,18 @@ def _edit_caption(raw, sid, edit):
 
 
 def test_unreadable_image(toy_raw, toy_settings, tmp_path):
-    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, lambda raw, sid: (raw / "images" / f"{sid}.png").write_bytes(b"not a png"))
+    def damage(raw, sid):
+        (raw / "images" / f"{sid}.png").write_bytes(b"not a png")
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
     assert msg.startswith(str(raw / "images" / f"{bad}.png")) and "unreadable image" in msg
 
 
 def test_missing_caption_file(toy_raw, toy_settings, tmp_path):
-    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, lambda raw, sid: (raw / "captions" / f"{sid}.json").unlink())
+    def damage(raw, sid):
+        (raw / "captions" / f"{sid}.json").unlink()
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
     assert msg.startswith(str(raw / "captions" / f"{bad}.json")) and "missing caption file" in msg
 
 
@@ -185,7 +195,8 @@ def test_box_outside_image(toy_raw, toy_settings, tmp_path):
         _edit_caption(raw, sid, lambda d: d["instances"][0].update(bbox=[10, 10, 500, 40]))
 
     msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
-    assert str(raw / "captions" / f"{bad}.json") in msg and "instance 0 bbox [10, 10, 500, 40] lies outside the image" in msg
+    assert str(raw / "captions" / f"{bad}.json") in msg
+    assert "instance 0 bbox [10, 10, 500, 40] lies outside the image" in msg
 
 
 def test_zero_area_box(toy_raw, toy_settings, tmp_path):

@@ -10,15 +10,15 @@ import sys
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mpp.cli import MppCLI, main
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.nn.model import STAGE_GROUPS
 from tests.helpers import ROOT, fit_args, recorder
+
 
 def scalars(log_dir) -> EventAccumulator:
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0})
@@ -50,7 +50,8 @@ def test_every_config_parses_and_instantiates(tmp_path, monkeypatch):
             assert {c.__name__ for c in strategy.kwargs["auto_wrap_policy"]._module_classes} == {
                 "FluxTransformerBlock", "FluxSingleTransformerBlock"}
             continue
-        configs = [path] if os.path.basename(path).startswith("stage") else [os.path.join(ROOT, "configs/stage1.yaml"), path]
+        stage1 = os.path.join(ROOT, "configs/stage1.yaml")
+        configs = [path] if os.path.basename(path).startswith("stage") else [stage1, path]
         cli = MppCLI(MppModule, MppDataModule, run=False,
                      args=[a for c in configs for a in ("--config", c)])
         assert isinstance(cli.model, MppModule) and isinstance(cli.datamodule, MppDataModule)
@@ -145,7 +146,8 @@ def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeyp
         tags = set(scalars(log_dir).Tags()["scalars"])
         assert ("loss/dino_identity" in tags) == (stage >= 2)
         if stage >= 2:
-            assert {"metrics/dino_similarity_mean", "val/loss/dino_identity", "val/metrics/dino_similarity_mean"} <= tags
+            identity = {"metrics/dino_similarity_mean", "val/loss/dino_identity", "val/metrics/dino_similarity_mean"}
+            assert identity <= tags
             acc = scalars(log_dir)
             steps = [e.step for e in acc.Scalars("loss/flow_matching")]
             assert [e.step for e in acc.Scalars("loss/dino_identity")] == steps  # no step without identity signal

@@ -149,7 +149,7 @@ def _gather_img_qkv(attn: nn.Module, layout: InstanceLayout, img_norm: Tensor, i
     gathered = [gather_tokens(t, layout) for t in img_qkv]
     if add_lora:
         xg = gather_tokens(img_norm, layout)
-        gathered = [add_delta(t, m, xg) for t, m in zip(gathered, (attn.to_q, attn.to_k, attn.to_v))]
+        gathered = [add_delta(t, m, xg) for t, m in zip(gathered, (attn.to_q, attn.to_k, attn.to_v), strict=True)]
     hd = attn.head_dim
     q, k, v = (split_heads(t, hd) for t in gathered)
     return attn.norm_q(q), attn.norm_k(k), v

@@ -133,7 +133,7 @@ class PatchCodec(torch.nn.Module):
     # ------------------------------------------------------------------ fitting
     @classmethod
     @torch.no_grad()
-    def fit(cls, images: Tensor, *, patch_size: int = 8, latent_channels: int = 16) -> "PatchCodec":
+    def fit(cls, images: Tensor, *, patch_size: int = 8, latent_channels: int = 16) -> PatchCodec:
         """PCA over all patches of ``images`` (B×3×H×W in [-1, 1]); deterministic.
 
         Components are sorted by decreasing variance and their sign fixed so that each one's

@@ -237,7 +237,8 @@ def _build(out: Path, world: ToyWorld, seed: int, fit_samples: int) -> None:
         )
     )
     clip_vision.save_pretrained(out / "image_encoder")
-    _write_json(out / "image_encoder" / "preprocessor_config.json", _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
+    _write_json(out / "image_encoder" / "preprocessor_config.json",
+                _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
 
     _seeded(seed + 4)
     dino = Dinov2Model(
@@ -251,7 +252,8 @@ def _build(out: Path, world: ToyWorld, seed: int, fit_samples: int) -> None:
         )
     )
     dino.save_pretrained(out / "dino")
-    _write_json(out / "dino" / "preprocessor_config.json", _preprocessor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
+    _write_json(out / "dino" / "preprocessor_config.json",
+                _preprocessor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
 
     _seeded(seed + 5)
     FluxTransformer2DModel(**toy_flux_config()).save_pretrained(out / "transformer")

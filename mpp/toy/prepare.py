@@ -43,7 +43,8 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
         with open(marker) as f:
             existing = json.load(f)
         if existing != wanted:
-            raise ValueError(f"{marker}: toy data was written with {existing}, asked for {wanted}; use another output folder")
+            raise ValueError(f"{marker}: toy data was written with {existing}, asked for {wanted}; use another "
+                             "output folder")
     else:
         shutil.rmtree(source, ignore_errors=True)
         world.write_raw(source, num_samples)

@@ -69,8 +69,9 @@ class ToyBatch:
     def __len__(self) -> int:
         return len(self.latents)
 
-    def take(self, idx: Tensor) -> "ToyBatch":
-        return ToyBatch(self.latents[idx], self.prompt_embeds[idx], self.pooled[idx], [self.captions[i] for i in idx.tolist()])
+    def take(self, idx: Tensor) -> ToyBatch:
+        return ToyBatch(self.latents[idx], self.prompt_embeds[idx], self.pooled[idx],
+                        [self.captions[i] for i in idx.tolist()])
 
 
 @torch.no_grad()
@@ -93,7 +94,8 @@ def encode_toy_scenes(encoders, world: ToyWorld, indices) -> ToyBatch:
 def toy_flow_loss(transformer, batch: ToyBatch, noise: Tensor, t: Tensor) -> Tensor:
     """Flow-matching MSE of ``transformer`` on ``batch`` for the given noise and timesteps."""
     x_t = noisy_latents(batch.latents, noise, t)
-    return flow_matching_loss(flux_velocity(transformer, x_t, t, batch.prompt_embeds, batch.pooled), batch.latents, noise)
+    velocity = flux_velocity(transformer, x_t, t, batch.prompt_embeds, batch.pooled)
+    return flow_matching_loss(velocity, batch.latents, noise)
 
 
 def _heldout_loss(transformer, batch: ToyBatch, noise: Tensor, t: Tensor) -> float:
@@ -151,7 +153,8 @@ def pretrain_toy_backbone(
     held-out batch (``HELDOUT_SIZE`` other scenes, fixed noise and timesteps) before and after.
     """
     if steps < 0 or batch_size < 1 or num_scenes < 1:
-        raise ValueError(f"need steps >= 0, batch_size >= 1 and num_scenes >= 1 (got {steps}, {batch_size}, {num_scenes})")
+        raise ValueError(f"need steps >= 0, batch_size >= 1 and num_scenes >= 1 "
+                         f"(got {steps}, {batch_size}, {num_scenes})")
     # At most two intra-op threads: at batch 32 the 128-wide toy model takes 0.74 s/step on one and
     # 0.51 s on two; more add spin-waiting, which on a loaded CPU made steps up to 10x slower.
     threads = torch.get_num_threads()
@@ -215,6 +218,7 @@ def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scene
         if bars:
             diffusers_logging.enable_progress_bar()
     seconds = time.perf_counter() - start
-    log.info("toy backbone pretrained: %d steps, held-out loss %.4f -> %.4f, %.1fs", steps, initial_loss, final_loss, seconds)
+    log.info("toy backbone pretrained: %d steps, held-out loss %.4f -> %.4f, %.1fs", steps, initial_loss, final_loss,
+             seconds)
     return {"steps": int(steps), "initial_loss": float(initial_loss), "final_loss": float(final_loss),
             "seconds": float(seconds)}

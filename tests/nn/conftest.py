@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import DIMS, LORA_RANK, load_tiny_config
 
 from mpp.nn import HeadsConfig, MppFlux, build_backbone
+from tests.helpers import DIMS, LORA_RANK, load_tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FluxPipeline
-from tests.helpers import DIMS
 
 from mpp.nn import HeadsConfig, MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
 from mpp.nn.lora import base_linear, lora_delta
+from tests.helpers import DIMS
 
 
 def test_lora_scope_validation_names_the_argument(tiny_config):
     with pytest.raises(ValueError, match="lora_scope"):
         MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(lora_scope="everywhere"))
     with pytest.raises(ValueError, match="lora_scope"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(lora_scope="layout", use_layout_head=False))
+        MppFlux(build_backbone(config=tiny_config), **DIMS,
+                heads=HeadsConfig(lora_scope="layout", use_layout_head=False))
 
 
 def test_layout_block_validation(tiny_config):
@@ -65,7 +66,8 @@ def test_bf16_backbone_with_fp32_heads(tiny_config):
     from tests.helpers import make_inputs, randomize
 
     torch.manual_seed(0)
-    model = MppFlux(build_backbone(config=tiny_config, torch_dtype=torch.bfloat16), **DIMS, heads=HeadsConfig(lora_rank=4))
+    backbone = build_backbone(config=tiny_config, torch_dtype=torch.bfloat16)
+    model = MppFlux(backbone, **DIMS, heads=HeadsConfig(lora_rank=4))
     randomize(model)
     assert all(p.dtype == torch.float32 for p in model.parameter_groups()["lora"])
     out = model(**make_inputs(n=3))

@@ -23,7 +23,8 @@ def test_layout_and_marker(toy_models):
     for sub in ("image_encoder", "dino"):
         cfg = json.loads((toy_models / sub / "preprocessor_config.json").read_text())
         assert cfg["size"] == 32 and len(cfg["image_mean"]) == 3 and len(cfg["image_std"]) == 3
-    assert not [p for p in toy_models.parent.iterdir() if p.name.startswith(f".{toy_models.name}.")]  # no temp dirs left
+    temporary = [p for p in toy_models.parent.iterdir() if p.name.startswith(f".{toy_models.name}.")]
+    assert not temporary
 
 
 def test_rebuild_is_noop_and_deterministic(toy_models, tmp_path):
@@ -98,7 +99,8 @@ def test_tokenizer(toy_models, tokenizer):
     from transformers import AutoTokenizer
 
     world = ToyWorld(seed=0)
-    assert [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [0, 1, 2, 3]
+    special = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    assert special == [0, 1, 2, 3]
     assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == [SPECIAL_TOKENS[k] for k in ("pad", "unk", "bos", "eos")]
     assert len(tokenizer) == 4 + len(world.vocabulary())
     assert tokenizer.model_max_length == 32
@@ -122,7 +124,8 @@ def test_text_encoders(toy_models, tokenizer):
     clip = CLIPTextModel.from_pretrained(toy_models / "text_encoder").eval()
     assert clip.config.eos_token_id == tokenizer.eos_token_id != 2
     assert clip.config.vocab_size == len(tokenizer) and clip.config.hidden_size == 32
-    caps = ["a red striped square and a grey block on a sandy background", "a green bush on a pale blue background", "a green bush on a pale green background"]
+    caps = ["a red striped square and a grey block on a sandy background", "a green bush on a pale blue background",
+            "a green bush on a pale green background"]
     full = tokenizer(caps, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     short = tokenizer(caps, padding="longest", return_tensors="pt")
     with torch.no_grad():

@@ -57,7 +57,7 @@ def test_identity_seed_keeps_the_characters_and_changes_the_layouts():
     assert heldout.identities == train.identities
     assert ToyWorld(**heldout.config).identities == train.identities  # config round-trips
     assert "identity_seed" not in train.config  # a plain world's config (and toy bundle marker) is unchanged
-    assert all(a.bbox != b.bbox for a, b in zip(train.scene(0).instances, heldout.scene(0).instances))
+    assert all(a.bbox != b.bbox for a, b in zip(train.scene(0).instances, heldout.scene(0).instances, strict=False))
     used = {i.identity for k in range(20) for i in heldout.scene(k).instances if i.foreground}
     assert used <= {i.name for i in train.identities} and len(used) > 4
 
@@ -146,7 +146,7 @@ def test_write_raw_format(world, tmp_path):
         rec = json.loads((tmp_path / "captions" / f"{sid}.json").read_text())
         assert rec["caption"] == scene.caption
         assert len(rec["instances"]) == len(scene.instances)
-        for item, inst in zip(rec["instances"], scene.instances):
+        for item, inst in zip(rec["instances"], scene.instances, strict=True):
             assert item["bbox"] == list(inst.bbox) and item["caption"] == inst.caption
             assert item["foreground"] is inst.foreground and item["color"] == list(inst.color)
             if inst.foreground:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from mpp.evaluate import color_mask
 from mpp.toy.codec import PatchCodec
 from mpp.toy.judge import judge_instances, load_or_train_judge
-from mpp.evaluate import color_mask
 from mpp.toy.scenes import IDENTITY_COLORS, ToyWorld, all_identities, identity_from_name
 from mpp.toy.vision import identity_labels, pretrain_vision_encoders, render_crops
 
@@ -19,7 +19,7 @@ def test_crops_show_the_labelled_character():
     assert identity_from_name("pink_dotted_hexagon") == next(i for i in identities if i.name == "pink_dotted_hexagon")
     images, labels = render_crops(identities, 40, np.random.default_rng(0))
     colors = list(IDENTITY_COLORS.values())
-    for image, (c, _, _) in zip(images, labels.tolist()):
+    for image, (c, _, _) in zip(images, labels.tolist(), strict=True):
         # the labelled colour covers a good part of the crop (the shape is at least 55 % of each side)
         assert color_mask(image, colors[c], tol=1).mean() > 0.15
 
