@@ -17,8 +17,9 @@ import time
 from safetensors.torch import load_file
 
 from mpp.data.layout import read_manifest, sample_path
-from mpp.datamodule import MppDataModule, ToyData
-from mpp.prepare import toy_encoder_settings
+from mpp.datamodule import MppDataModule
+from mpp.toy.bundle import toy_encoder_settings
+from mpp.toy.prepare import ToyData
 
 
 def bare_read(root: str, records: list[dict]) -> None:
@@ -61,7 +62,7 @@ def main() -> None:
         rates["bare"].append(len(dm.train_records) / (time.perf_counter() - start))
     # epochs are paired (each DataModule epoch with the bare read right after it); medians resist
     # the noise of a shared machine
-    ratios = [d / b for d, b in zip(rates["datamodule"], rates["bare"])]
+    ratios = [d / b for d, b in zip(rates["datamodule"], rates["bare"], strict=True)]
     print(json.dumps({"samples": len(records), "batch_size": a.batch_size, "num_workers": a.num_workers,
                       "epochs": a.epochs,
                       "datamodule_samples_per_s": round(statistics.median(rates["datamodule"]), 1),

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mpp.nn import STAGE_GROUPS, MppFlux, image_ids, pack_latents, set_trainable, text_ids
+from mpp.nn import DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, flux_velocity, set_trainable
 from mpp.nn.params import FLUX_DEV_CONFIG, REAL_ENCODER_DIMS, count_parameters
 
 GIB = 2**30
@@ -41,8 +41,8 @@ def build(scope: str, checkpointing: bool, stage: int, blocks: tuple[int, int], 
     if checkpointing:
         backbone.enable_gradient_checkpointing()  # for diffusers' own forward (the bare arm)
     with device:
-        model = MppFlux(backbone, **REAL_ENCODER_DIMS, lora_rank=128, lora_scope=scope,
-                        gradient_checkpointing=checkpointing)
+        model = MppFlux(backbone, **REAL_ENCODER_DIMS,
+                        heads=HeadsConfig(lora_rank=128, lora_scope=scope, gradient_checkpointing=checkpointing))
     set_trainable(model, STAGE_GROUPS[stage])
     return model.train()
 
@@ -69,7 +69,7 @@ def inputs(batch: int, resolution: int, instances: int, device: torch.device, tx
         "instance_text": randn(batch, instances, REAL_ENCODER_DIMS["text_dim"]),
         "clip_embeds": randn(batch, instances, REAL_ENCODER_DIMS["clip_dim"]),
         "dino_embeds": randn(batch, instances, REAL_ENCODER_DIMS["dino_dim"]),
-        "guidance": torch.full((batch,), 3.5, device=device),
+        "guidance": torch.full((batch,), DEFAULT_GUIDANCE, device=device),
     }
 
 
@@ -85,7 +85,8 @@ def main() -> None:
     p.add_argument("--blocks", default="19,38", help="double,single blocks (FLUX.1-dev: 19,38)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--cudnn-attention", action="store_true",
-                   help="allow cuDNN's attention kernels, which mpp's training turns off (see MppModule.configure_model)")
+                   help="allow cuDNN's attention kernels, which mpp's training turns off "
+                        "(see MppModule.configure_model)")
     a = p.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(a.cudnn_attention)
     torch.manual_seed(0)
@@ -98,21 +99,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     weights_gib = torch.cuda.memory_allocated() / GIB if cuda else 0.0
     x = inputs(a.batch, a.resolution, a.instances, dev)
-    side = a.resolution // 16
-    target = torch.randn(a.batch, side * side, 64, device=dev)
-    bare_kwargs = dict(
-        hidden_states=pack_latents(x["latents"]).bfloat16(), encoder_hidden_states=x["prompt_embeds"].bfloat16(),
-        pooled_projections=x["pooled_prompt_embeds"].bfloat16(), timestep=x["timesteps"].bfloat16(),
-        img_ids=image_ids(side, side, device=dev), txt_ids=text_ids(512, device=dev),
-        guidance=x["guidance"].bfloat16(),
-    )
+    target = torch.randn(x["latents"].shape, device=dev)
 
     def step(name: str) -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             if name == "bare":
-                v = model.backbone(**bare_kwargs).sample
+                v = flux_velocity(model.backbone, x["latents"], x["timesteps"], x["prompt_embeds"],
+                                  x["pooled_prompt_embeds"])
             else:
-                v = pack_latents(model(**x).velocity)
+                v = model(**x).velocity
         F.mse_loss(v.float(), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -133,7 +128,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     tb, tm = statistics.median(times["bare"]), statistics.median(times["mpp"])
     print(json.dumps({
-        "device": torch.cuda.get_device_name() if cuda else a.device, "blocks": blocks, "resolution": a.resolution, "batch": a.batch,
+        "device": torch.cuda.get_device_name() if cuda else a.device, "blocks": blocks, "resolution": a.resolution,
+        "batch": a.batch,
         "instances": a.instances, "stage": a.stage, "lora_scope": a.scope, "gradient_checkpointing": a.checkpointing,
         "cudnn_attention": a.cudnn_attention,
         "trainable_params": count_parameters(trainable), "weights_gib": round(weights_gib, 2),

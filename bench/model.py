@@ -16,7 +16,7 @@ import time
 import torch
 from peft import LoraConfig
 
-from mpp.nn import STAGE_GROUPS, MppFlux, build_backbone, image_ids, pack_latents, set_trainable, text_ids
+from mpp.nn import DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, build_backbone, flux_velocity, set_trainable
 from mpp.nn.lora import lora_parameters, lora_target_modules
 
 CONFIG = {
@@ -48,7 +48,7 @@ def inputs(batch: int, grid: int, instances: int, txt_len: int, device) -> dict:
         "instance_text": torch.randn(batch, instances, TEXT, generator=g),
         "clip_embeds": torch.randn(batch, instances, CLIP, generator=g),
         "dino_embeds": torch.randn(batch, instances, DINO, generator=g),
-        "guidance": torch.full((batch,), 3.5),
+        "guidance": torch.full((batch,), DEFAULT_GUIDANCE),
     }
     return {k: v.to(device) for k, v in d.items()}
 
@@ -80,19 +80,15 @@ def main() -> None:
         range(CONFIG["num_layers"]), range(CONFIG["num_single_layers"]))))
     for q in lora_parameters(bare):
         q.requires_grad_(True)
-    bare_kwargs = dict(
-        hidden_states=pack_latents(x["latents"]), encoder_hidden_states=x["prompt_embeds"],
-        pooled_projections=x["pooled_prompt_embeds"], timestep=x["timesteps"],
-        img_ids=image_ids(h // 2, w // 2, device=dev), txt_ids=text_ids(64, device=dev), guidance=x["guidance"],
-    )
 
     backbone = build_backbone(config=CONFIG)
-    model = MppFlux(backbone, clip_dim=CLIP, dino_dim=DINO, text_dim=TEXT, lora_rank=args.rank,
-                    lora_scope=args.scope).to(dev).train()
+    model = MppFlux(backbone, clip_dim=CLIP, dino_dim=DINO, text_dim=TEXT,
+                    heads=HeadsConfig(lora_rank=args.rank, lora_scope=args.scope)).to(dev).train()
     set_trainable(model, STAGE_GROUPS[args.stage])
 
     def run_bare():
-        bare(**bare_kwargs).sample.square().mean().backward()
+        flux_velocity(bare, x["latents"], x["timesteps"], x["prompt_embeds"], x["pooled_prompt_embeds"]
+                      ).square().mean().backward()
 
     def run_mpp():
         out = model(**x)

@@ -21,12 +21,15 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
 
 from mpp.cli import main as fit
-from mpp.evaluate import ToyColorDetector, evaluate, load_generated
-from mpp.generate import generate, load_module, read_layouts, write_report
+from mpp.evaluate import ToyColorDetector, evaluate
+from mpp.generate import load_module
+from mpp.layouts import load_generated, read_layouts, write_report
+from mpp.sampling import generate
 from mpp.toy.scenes import ToyWorld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +84,8 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
     try:
         start = time.perf_counter()
         cli = fit(["fit", *[a for c in CONFIGS for a in ("--config", c)], *paths, *flags,
-                   "--trainer.max_steps=1000000", f"--trainer.max_time=00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
+                   "--trainer.max_steps=1000000",
+                   f"--trainer.max_time=00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
                    "--trainer.enable_progress_bar=false"])
         train_seconds = time.perf_counter() - start
         ckpt = os.path.join(workdir, "runs/checkpoints/stage1/final.ckpt")
@@ -93,13 +97,14 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
     if errors:
         raise ValueError(f"bad held-out layouts: {errors}")
     out = os.path.join(workdir, "generated")
-    sampler = module.sampler(steps=steps, seed=0)
-    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampler=sampler)
+    sampling = replace(module.sampling, steps=steps, seed=0)
+    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampling=sampling,
+                       guidance=module.hparams.guidance)
     write_report(out, records, checkpoint=ckpt, layouts=layouts_path)
     images, scored, references = load_generated(out, layouts_path)
     result = evaluate(images, scored, ToyColorDetector(), references=references, encoders=module.encoders)
     return {"steps": cli.trainer.global_step, "train_seconds": round(train_seconds, 1),
-            "layout_guidance": sampler.layout_guidance, **result}
+            "layout_guidance": sampling.layout_guidance, **result}
 
 
 def main() -> None:

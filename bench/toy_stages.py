@@ -33,11 +33,11 @@ generated images (with box overlays) under <workdir>/<arm>/generated.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -48,9 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from toy_quality import write_layouts  # noqa: E402
 
 from mpp.cli import main as fit  # noqa: E402
-from mpp.evaluate import ToyColorDetector, evaluate, load_generated  # noqa: E402
-from mpp.generate import generate, load_module, read_layouts, write_report  # noqa: E402
+from mpp.evaluate import ToyColorDetector, evaluate  # noqa: E402
+from mpp.generate import load_module  # noqa: E402
+from mpp.layouts import load_generated, read_layouts, write_report  # noqa: E402
 from mpp.losses import auc  # noqa: E402
+from mpp.sampling import generate  # noqa: E402
 from mpp.toy.codec import PatchCodec  # noqa: E402
 from mpp.toy.judge import judge_instances, load_or_train_judge  # noqa: E402
 from mpp.toy.scenes import ToyWorld, all_identities  # noqa: E402
@@ -82,7 +84,8 @@ def unseen_cast(count: int, seed: int) -> list[str]:
 
 
 def _paths(root: str, models: str) -> list[str]:
-    return [f"--data.root={os.path.join(root, 'data')}", f"--data.toy.models_dir={models}", f"--model.backbone={models}",
+    return [f"--data.root={os.path.join(root, 'data')}", f"--data.toy.models_dir={models}",
+            f"--model.backbone={models}",
             f"--data.encoders.flux={models}", f"--data.encoders.clip_vision={os.path.join(models, 'image_encoder')}",
             f"--data.encoders.dino={os.path.join(models, 'dino')}"]
 
@@ -134,15 +137,16 @@ def score(arm: dict, name: str, *, root: str, models: str, layouts_path: str, ju
     if errors:
         raise ValueError(f"bad held-out layouts: {errors}")
     out = os.path.join(root, name, "generated")
-    sampler = module.sampler(steps=steps, seed=0)
-    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampler=sampler)
+    sampling = replace(module.sampling, steps=steps, seed=0)
+    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampling=sampling,
+                       guidance=module.hparams.guidance)
     write_report(out, records, checkpoint=arm["ckpt"], layouts=layouts_path)
     images, scored, references = load_generated(out, layouts_path)
     result = evaluate(images, scored, ToyColorDetector(), references=references, encoders=module.encoders)
     result.update(judge_instances(judge, images, scored))
     alphas, roles = [], []
     for record in records:
-        for inst, a in zip(scored[record["id"]]["instances"], record["alpha"]):
+        for inst, a in zip(scored[record["id"]]["instances"], record["alpha"], strict=True):
             alphas.append(a)
             roles.append(bool(inst.get("reference")))
     alphas, roles = torch.tensor(alphas), torch.tensor(roles)
@@ -161,7 +165,7 @@ def judge_on_truth(judge, codec, world: ToyWorld, count: int) -> dict:
     scenes = [world.scene(i) for i in range(count)]
     decoded = codec_round_trip(codec, to_tensor(np.stack([s.image for s in scenes])))
     images = {s.id: ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-              for s, x in zip(scenes, decoded)}
+              for s, x in zip(scenes, decoded, strict=True)}
     n = world.image_size
     layouts = {s.id: {"instances": [{"bbox": [v / n for v in inst.bbox], "identity": inst.identity}
                                     for inst in s.instances]} for s in scenes}
@@ -216,8 +220,10 @@ def main() -> None:
         "identity_stage3_minus_stage2": round(s3.get("identity_accuracy", 0) - s2.get("identity_accuracy", 0), 4),
     }
     print(json.dumps({"arms": arms, "summary": summary,
-                      "training": {name: {"steps": r["steps"], "curves": curves(r["logdir"])} for name, r in runs.items()},
-                      "judge": {"renders": judge_report, "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
+                      "training": {name: {"steps": r["steps"], "curves": curves(r["logdir"])}
+                                   for name, r in runs.items()},
+                      "judge": {"renders": judge_report,
+                                "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
                       "unseen_cast": cast, "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 

@@ -2,9 +2,10 @@
 
     mpp fit --config configs/stage1.yaml [--config configs/toy.yaml]   # = python main.py fit ...
     mpp prepare run SOURCE OUTPUT ...                                   # = python -m mpp.prepare
-    mpp generate --config ... --ckpt ... --layouts layouts.jsonl --out generated/
+    mpp generate --config ... --ckpt_path ... --layouts layouts.jsonl --out generated/
     mpp evaluate --generated generated/ --layouts layouts.jsonl
     mpp toy models .cache/toy/models
+    mpp toy prepare .cache/toy/data --models_dir .cache/toy/models             # the toy dataset
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ def main(argv: list[str] | None = None):
     if command in TOOLS:
         return importlib.import_module(TOOLS[command]).main(argv[1:])
     if command in TRAINING:
-        from mpp.cli import main as cli_main
-
-        cli_main(argv)
+        importlib.import_module("mpp.cli").main(argv)
         return 0
     print(__doc__.strip(), file=sys.stderr)
     return 0 if command in ("-h", "--help") else 2

@@ -68,7 +68,8 @@ class MppCLI(LightningCLI):
     def before_fit(self) -> None:
         path, info = self._ckpt_info()
         if info is not None and info["stage"] == self.model.stage - 1:
-            log.info("stage %d starts from the weights of stage-%d checkpoint %s", self.model.stage, info["stage"], path)
+            log.info("stage %d starts from the weights of stage-%d checkpoint %s", self.model.stage, info["stage"],
+                     path)
             self.model.init_from = path
             self.config_init["fit"]["ckpt_path"] = None
 

@@ -1,11 +1,14 @@
-"""The LightningDataModule over a prepared dataset (DESIGN.md section 2)."""
+"""The LightningDataModule over a prepared dataset (DESIGN.md section 2).
+
+Its `data.toy` option is the one place where core code reaches into the toy world (`mpp.toy`,
+otherwise a leaf that imports core): `ToyData` builds the toy dataset in `prepare_data`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -15,37 +18,10 @@ from mpp.data.dataset import PreparedDataset, packed_collate, unpack
 from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
 from mpp.data.sampler import ResumableShardSampler
 from mpp.encoders import EncoderSettings
-from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
-from mpp.toy.vision import VISION_PRETRAIN_STEPS
+from mpp.layouts import read_layouts
+from mpp.toy.prepare import ToyData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ToyData:
-    """Build the toy world's models and dataset when the data folder does not hold them yet.
-
-    Args:
-        models_dir: where the toy encoders and backbone are cached.
-        num_samples: scenes to generate.
-        seed: world seed (same seed, same dataset bit for bit).
-        image_size: side of the square toy images.
-        pretrain_steps: text-to-image pretraining of the toy backbone (it stands in for FLUX's
-            pretraining; 0 leaves it random).
-        vision_steps: pretraining of the toy CLIP vision and DINOv2 encoders to see identity
-            (they stand in for the real ones; 0 leaves them random).
-        num_identities: the world's characters (colour × shape × texture combinations; enough of
-            them that each attribute is seen in many combinations, so a reference can teach an
-            unseen one).
-    """
-
-    models_dir: str = ".cache/toy/models"
-    num_samples: int = 512
-    seed: int = 0
-    image_size: int = 128
-    pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
-    vision_steps: int = VISION_PRETRAIN_STEPS
-    num_identities: int = 32
 
 
 def is_validation(sample_id: str, fraction: float) -> bool:
@@ -68,7 +44,7 @@ class MppDataModule(L.LightningDataModule):
         max_bad_records: a run stops, listing them, once more records than this failed validation.
         seed: seed of the per-epoch shuffle.
         toy: when set, `prepare_data` builds the toy world into `root` if it is not complete.
-        predict_file: the layouts JSONL that `predict` generates (mpp.generate's format); its bad
+        predict_file: the layouts JSONL that `predict` generates (`mpp.layouts`' format); its bad
             lines are logged by number, kept in `predict_errors`, and skipped.
     """
 
@@ -108,16 +84,8 @@ class MppDataModule(L.LightningDataModule):
         return self.trainer is not None and self.trainer.predicting
 
     def prepare_data(self) -> None:
-        if self.toy is None or self._predicting():
-            return
-        from mpp.prepare import prepare_toy
-
-        t = self.toy
-        result = prepare_toy(self.root, models_dir=t.models_dir, num_samples=t.num_samples, seed=t.seed,
-                             image_size=t.image_size, pretrain_steps=t.pretrain_steps, vision_steps=t.vision_steps,
-                             num_identities=t.num_identities, encoders=self.encoders)
-        if result.errors:
-            raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")
+        if self.toy is not None and not self._predicting():
+            self.toy.prepare(self.root, self.encoders)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -164,8 +132,6 @@ class MppDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """One layout of `predict_file` per step, as {"index", "layout", "resolution"}."""
-        from mpp.generate import read_layouts
-
         if not self.predict_file:
             raise ValueError("predict needs --data.predict_file: a JSONL of layouts")
         if self.trainer is not None and self.trainer.world_size > 1:

@@ -3,11 +3,18 @@
 `Encoders` loads each model lazily with `from_pretrained` from a hub id or a local folder, so a
 training run that needs only the VAE decoder and DINOv2 never loads T5. Images are tensors in
 [-1, 1], boxes are normalized xyxy.
+
+The VAE is diffusers' `AutoencoderKL` unless its `config.json` names another class by import path,
+`"_class_path": "package.module.Class"`: a `torch.nn.Module` with `from_pretrained(path,
+subfolder=..., revision=...)`, a `config` with `scaling_factor` and `shift_factor`, a
+`downsample_factor`, and `encode(x)`/`decode(z)` that return tensors (the toy world's
+`mpp.toy.codec.PatchCodec` is one).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -80,7 +87,8 @@ def weights_fingerprint(folder: str) -> str:
     """sha256 over the weight files of `folder` (names, sizes, first and last MiB of each): cheap
     for multi-GB encoders, and any re-training or re-fitting changes it."""
     h = hashlib.sha256()
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin"))) if os.path.isdir(folder) else []
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = sorted(n for n in names if n.endswith((".safetensors", ".bin")))
     for name in names:
         path = os.path.join(folder, name)
         size = os.path.getsize(path)
@@ -93,7 +101,8 @@ def weights_fingerprint(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_json(path_or_id: str, filename: str, subfolder: str | None = None, revision: str | None = None) -> dict | None:
+def _read_json(path_or_id: str, filename: str, subfolder: str | None = None,
+               revision: str | None = None) -> dict | None:
     local = os.path.join(path_or_id, subfolder or "", filename)
     if os.path.isdir(path_or_id):
         if not os.path.exists(local):
@@ -113,6 +122,20 @@ def _read_json(path_or_id: str, filename: str, subfolder: str | None = None, rev
 def _normalization(path: str, revision: str | None, default_mean, default_std):
     cfg = _read_json(path, "preprocessor_config.json", revision=revision) or {}
     return tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
+
+
+VAE_CLASS_PATH = "_class_path"  # the key of a VAE config.json that names a class that is not AutoencoderKL
+
+
+def _import_class(path: str, where: str) -> type[torch.nn.Module]:
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot import {path!r}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{where}: {path!r} is not an importable torch.nn.Module class")
+    return cls
 
 
 def embedding_dims(settings: EncoderSettings) -> dict[str, int]:
@@ -157,7 +180,8 @@ class Encoders:
         device: where they run.
     """
 
-    def __init__(self, settings: EncoderSettings, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, settings: EncoderSettings, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
         self.settings = settings
         self.dtype = dtype
         self.device = torch.device(device)
@@ -170,10 +194,9 @@ class Encoders:
     def vae(self) -> torch.nn.Module:
         s = self.settings
         cfg = _read_json(s.flux, "config.json", subfolder="vae", revision=s.revision) or {}
-        if cfg.get("_class_name") == "PatchCodec":
-            from mpp.toy.codec import PatchCodec
-
-            return self._ready(PatchCodec.from_pretrained(s.flux, subfolder="vae"))
+        if cfg.get(VAE_CLASS_PATH):
+            cls = _import_class(cfg[VAE_CLASS_PATH], f"{s.flux}/vae/config.json {VAE_CLASS_PATH}")
+            return self._ready(cls.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
         from diffusers import AutoencoderKL
 
         return self._ready(AutoencoderKL.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
@@ -218,19 +241,22 @@ class Encoders:
     def t5_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.settings.flux, subfolder="tokenizer_2", revision=self.settings.revision)
+        s = self.settings
+        return AutoTokenizer.from_pretrained(s.flux, subfolder="tokenizer_2", revision=s.revision)
 
     @cached_property
     def clip_text(self) -> torch.nn.Module:
         from transformers import CLIPTextModel
 
-        return self._ready(CLIPTextModel.from_pretrained(self.settings.flux, subfolder="text_encoder", revision=self.settings.revision))
+        s = self.settings
+        return self._ready(CLIPTextModel.from_pretrained(s.flux, subfolder="text_encoder", revision=s.revision))
 
     @cached_property
     def t5(self) -> torch.nn.Module:
         from transformers import T5EncoderModel
 
-        return self._ready(T5EncoderModel.from_pretrained(self.settings.flux, subfolder="text_encoder_2", revision=self.settings.revision))
+        s = self.settings
+        return self._ready(T5EncoderModel.from_pretrained(s.flux, subfolder="text_encoder_2", revision=s.revision))
 
     @torch.no_grad()
     def encode_texts_pooled(self, texts: list[str]) -> Tensor:

@@ -16,13 +16,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Protocol
 
 import numpy as np
+import torch
 from PIL import Image
 
-from mpp.toy.scenes import box_iou, color_mask, mask_box
+from mpp.data.raw import to_tensor
+from mpp.encoders import EncoderSettings, Encoders
+from mpp.layouts import load_generated
+
+
+def box_iou(a, b) -> float:
+    """IoU of two xyxy boxes."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def color_mask(image: np.ndarray, color, tol: float = 40.0) -> np.ndarray:
+    """Boolean H×W mask of pixels within Euclidean RGB distance ``tol`` of ``color``."""
+    diff = image[..., :3].astype(np.int32) - np.asarray(color, dtype=np.int32)
+    return (diff * diff).sum(-1) <= tol * tol
+
+
+def mask_box(mask: np.ndarray, trim: float = 0.0) -> tuple[int, int, int, int] | None:
+    """xyxy box (x1/y1 exclusive) of a boolean mask, or None if empty.
+
+    ``trim`` > 0 drops that fraction of the mask's pixels at each side (per axis), which makes the
+    box robust to stray pixels of a similar colour, e.g. in decoded or generated images.
+    """
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    if trim <= 0:
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    q = (100.0 * trim, 100.0 * (1.0 - trim))
+    x0, x1 = np.percentile(xs, q, method="nearest")
+    y0, y1 = np.percentile(ys, q, method="nearest")
+    return int(x0), int(y0), int(x1) + 1, int(y1) + 1
 
 
 class Detector(Protocol):
@@ -62,10 +96,6 @@ def _crop(image: np.ndarray, box) -> np.ndarray:
 
 def dino_similarity(encoders, a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of the DINOv2 CLS embeddings of two H×W×3 uint8 images."""
-    import torch
-
-    from mpp.data.raw import to_tensor
-
     with torch.no_grad():
         emb = [encoders.dino_embeds(to_tensor(Image.fromarray(x))[None]) for x in (a, b)]
     return float(torch.nn.functional.cosine_similarity(emb[0], emb[1]).item())
@@ -105,33 +135,9 @@ def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: 
     return result
 
 
-def load_generated(generated_dir: str, layouts_path: str):
-    """Reads generate's output and the layouts it came from (boxes normalized as in generation)."""
-    with open(os.path.join(generated_dir, "generated.json")) as f:
-        report = json.load(f)
-    raw = {}
-    root = os.path.dirname(os.path.abspath(layouts_path))
-    with open(layouts_path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                data = json.loads(line)
-                raw[str(data.get("id", f"line{number:05d}"))] = data
-    images, layouts, references = {}, {}, {}
-    for record in report["images"]:
-        image = np.asarray(Image.open(os.path.join(generated_dir, record["image"])).convert("RGB"))
-        images[record["id"]] = image
-        insts = raw[record["id"]]["instances"]
-        layouts[record["id"]] = {"instances": [{**inst, "bbox": box} for inst, box in zip(insts, record["boxes"])]}
-        for inst in insts:
-            ref = inst.get("reference")
-            if ref and ref not in references:
-                references[ref] = np.asarray(Image.open(os.path.join(root, ref)).convert("RGB"))
-    return images, layouts, references
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mpp evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--generated", required=True, help="output folder of python -m mpp.generate")
+    p.add_argument("--generated", required=True, help="output folder of mpp generate")
     p.add_argument("--layouts", required=True, help="the layouts JSONL it generated from (with instance colours)")
     p.add_argument("--tol", type=float, default=40.0, help="colour tolerance of the toy detector")
     p.add_argument("--dino", default=None, help="DINOv2 hub id or folder for the identity similarity")
@@ -139,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     images, layouts, references = load_generated(a.generated, a.layouts)
     encoders = None
     if a.dino:
-        from mpp.encoders import EncoderSettings, Encoders
-
         encoders = Encoders(EncoderSettings(dino=a.dino))
     print(json.dumps(evaluate(images, layouts, ToyColorDetector(tol=a.tol), references=references, encoders=encoders)))
     return 0

@@ -52,7 +52,7 @@ def euler_sample(velocity_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor,
     if shift is not None:
         ts = shift_timesteps(ts, shift)
     x = noise
-    for t0, t1 in zip(ts[:-1], ts[1:]):
+    for t0, t1 in zip(ts[:-1], ts[1:], strict=True):
         v = velocity_fn(x, t0.expand(x.shape[0]))
         x = x + (t1 - t0) * v.to(x.dtype)
     return x

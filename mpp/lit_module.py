@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-from mpp.data.dataset import CONDITIONING
+from mpp.checkpoints import load_checkpoint
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
 from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, box_embeddings, identity_loss, identity_weights
-from mpp.nn import MppFlux, build_backbone, set_trainable
-from mpp.nn.model import STAGE_GROUPS
+from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, build_backbone, set_trainable
+from mpp.sampling import SamplingConfig, generate_one, sample_latents
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class Heads:
-    """Widths and placement of the heads and the LoRA (DESIGN.md section 3)."""
-
-    layout_double_blocks: list[int] | None = None
-    layout_single_blocks: list[int] | None = None
-    lora_rank: int = 128
-    lora_alpha: float | None = None
-    lora_scope: str = "layout"
-    identity_dim: int = 256
-    modulation_rank: int = 8
-    fourier_freqs: int = 8
-    modality_dropout: float = 0.1
-    use_layout_head: bool = True
-    instance_rope: bool = False  # the instance token takes the RoPE of its box centre (mpp.nn.assemble_attn)
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -84,17 +65,11 @@ class Loss:
     shift: float | None = None
 
 
-@dataclass
-class Sampling:
-    """Euler sampling for logged images and generation."""
-
-    steps: int = 28
-    shift: float | None = 3.0
-    seed: int = 0
-    layout_guidance: float = 1.0  # classifier-free guidance on the layout (mpp.generate.sample_latents); 1: off
-
-
 FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+# checkpoints written before HeadsConfig and SamplingConfig moved below Lightning pickle their
+# hyperparameters under these names
+Heads, Sampling = HeadsConfig, SamplingConfig
 
 
 def check_lr_scale(scale: dict[str, float], groups: tuple[str, ...]) -> dict[str, float]:
@@ -128,7 +103,7 @@ class MppModule(L.LightningModule):
         encoders: the frozen encoders (linked from data.encoders by the CLI).
         heads: head and LoRA sizes.
         loss: loss weights and timestep sampler.
-        guidance: guidance value fed to a guidance-distilled backbone while training.
+        guidance: guidance value fed to a guidance-distilled backbone, in training and sampling.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up in optimizer steps, then constant.
@@ -136,7 +111,7 @@ class MppModule(L.LightningModule):
             `{layout: 0.1}` to move what an earlier stage trained more slowly than a new head; 0 freezes
             the group for this run (it is still saved).
         seed: seeds the noise and timesteps, together with the step and the rank.
-        sampling: Euler sampling of logged images.
+        sampling: Euler sampling of logged images and generation (`predict`, `mpp generate`).
     """
 
     def __init__(
@@ -147,15 +122,15 @@ class MppModule(L.LightningModule):
         backbone_subfolder: str | None = "transformer",
         backbone_dtype: str = "bfloat16",
         encoders: EncoderSettings | None = None,
-        heads: Heads | None = None,
+        heads: HeadsConfig | None = None,
         loss: Loss | None = None,
-        guidance: float = 3.5,
+        guidance: float = DEFAULT_GUIDANCE,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_scale: dict[str, float] | None = None,
         seed: int = 0,
-        sampling: Sampling | None = None,
+        sampling: SamplingConfig | None = None,
     ):
         super().__init__()
         if stage not in STAGE_GROUPS:
@@ -164,9 +139,9 @@ class MppModule(L.LightningModule):
         self.stage = stage
         self.lr_scale = check_lr_scale(lr_scale or {}, STAGE_GROUPS[stage])
         self.encoder_settings = encoders or EncoderSettings()
-        self.heads = heads or Heads()
+        self.heads = heads or HeadsConfig()
         self.loss_cfg = loss or Loss()
-        self.sampling = sampling or Sampling()
+        self.sampling = sampling or SamplingConfig()
         self.model: MppFlux | None = None
         self._encoders: Encoders | None = None
         self.init_from: str | None = None  # a previous stage's checkpoint: weights only
@@ -184,7 +159,7 @@ class MppModule(L.LightningModule):
         dims = embedding_dims(self.encoder_settings)
         backbone = build_backbone(self.hparams.backbone, subfolder=self.hparams.backbone_subfolder,
                                   torch_dtype=parse_dtype(self.hparams.backbone_dtype, "model.backbone_dtype"))
-        self.model = MppFlux(backbone, **dims, **asdict(self.heads))
+        self.model = MppFlux(backbone, **dims, heads=self.heads)
         set_trainable(self.model, [g for g in STAGE_GROUPS[self.stage] if self.lr_scale.get(g, 1.0) > 0])
         if self.init_from is not None:
             self._load_previous_stage(self.init_from)
@@ -211,16 +186,14 @@ class MppModule(L.LightningModule):
         return {name for name, p in self._named_parameters() if p.requires_grad}
 
     def _load_previous_stage(self, path: str) -> None:
-        from mpp.checkpoints import load_checkpoint
-
         ckpt = load_checkpoint(path)
         previous = STAGE_GROUPS[ckpt["mpp"]["stage"]]
         expected = {id(p) for g in previous for p in self.model.parameter_groups()[g]}
         expected_keys = {n for n, p in self._named_parameters() if id(p) in expected}
         missing = sorted(expected_keys - set(ckpt["state_dict"]))
         if missing:
-            raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it trained, "
-                             f"e.g. {missing[:5]}")
+            raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it "
+                             f"trained, e.g. {missing[:5]}")
         unknown = sorted(set(ckpt["state_dict"]) - self.owned_keys())
         if unknown:
             raise ValueError(f"{path}: checkpoint holds {len(unknown)} weights this model lacks, e.g. {unknown[:5]}")
@@ -241,8 +214,6 @@ class MppModule(L.LightningModule):
                              "previous stage's --ckpt_path (stage + 1) or use the same stage's config")
         state = checkpoint.get("state_dict")
         if state is None:  # FSDP's strategy loads the weights itself and hands this hook the rest
-            from mpp.checkpoints import load_checkpoint
-
             state = load_checkpoint(self.trainer.ckpt_path, mmap=True)["state_dict"]
         missing = sorted(self.owned_keys() - set(state))
         if missing:
@@ -292,8 +263,8 @@ class MppModule(L.LightningModule):
         if not cfg.dino_own_timesteps:
             idx = (t < cfg.dino_t_threshold).nonzero().flatten()
             x0_hat = predicted_x0(x_t[idx], t[idx], out.velocity[idx])
-            return self._identity_on(x0_hat, batch, idx, identity_weights(out.alpha, roles, valid, out.has_reference)[idx],
-                                     g)
+            weights = identity_weights(out.alpha, roles, valid, out.has_reference)[idx]
+            return self._identity_on(x0_hat, batch, idx, weights, g)
         carrying = (identity_weights(out.alpha, roles, valid) > 0).any(-1)
         order = torch.argsort((~carrying).to(torch.uint8), stable=True)[: cfg.dino_samples]
         idx = order[carrying[order]]
@@ -355,31 +326,21 @@ class MppModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict, *, seed: int | None = None, steps: int | None = None) -> Tensor:
         """Euler-samples latents for the batch's layouts from a fixed seed; returns B×C×h×w."""
-        from mpp.generate import sample_latents
-
         g = torch.Generator().manual_seed(self.sampling.seed if seed is None else seed)
         noise = torch.randn(batch["latents"].shape, generator=g).to(self.device)
-        return sample_latents(self.model, batch, noise, steps=steps or self.sampling.steps,
-                              shift=self.sampling.shift, guidance=self.hparams.guidance,
-                              layout_guidance=self.sampling.layout_guidance)
-
-    def sampler(self, **overrides):
-        """`sampling` and `guidance` as `mpp.generate.Sampler`, with `overrides` of its fields."""
-        from mpp.generate import Sampler
-
-        return Sampler(**{**asdict(self.sampling), "guidance": self.hparams.guidance, **overrides})
+        sampling = replace(self.sampling, steps=steps or self.sampling.steps)
+        return sample_latents(self.model, batch, noise, sampling, guidance=self.hparams.guidance)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Samples one layout of `data.predict_file` with `sampling` (seed `sampling.seed` + its index);
         `mpp.callbacks.LayoutWriter` writes what this returns."""
-        from mpp.generate import generate_one
-
         pixels, alpha, seed = generate_one(self.model, self.encoders, batch["layout"], resolution=batch["resolution"],
-                                           sampler=self.sampler(), index=batch["index"])
+                                           sampling=self.sampling, index=batch["index"], guidance=self.hparams.guidance)
         return {"layout": batch["layout"], "pixels": pixels, "alpha": alpha, "seed": seed}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and fsdp:
             # Lightning's FSDP precision plugin refuses norm clipping; FSDP computes the norm across shards
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
         else:

@@ -146,7 +146,7 @@ def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: flo
         return encoders.dino_embeds(views)[None]
 
     out = []
-    for k, ((i, _, _, _, _), ((lx0, ly0, lx1, ly1), pixel)) in enumerate(zip(boxes.tolist(), windows)):
+    for k, ((i, _, _, _, _), ((lx0, ly0, lx1, ly1), pixel)) in enumerate(zip(boxes.tolist(), windows, strict=True)):
         latent = x0[int(i) : int(i) + 1, :, ly0:ly1, lx0:lx1]
         theta = None if jitter is None else jitter[k]
         if gradient_checkpointing and torch.is_grad_enabled():
@@ -179,8 +179,8 @@ def identity_loss(x0: Tensor, *, boxes: Tensor, weights: Tensor, reference_dino:
     as the mean over that many randomly zoomed and shifted views of it (:func:`view_jitter`, drawn from
     `generator`), so that the generator cannot lower the loss with a pattern that only fools the
     encoder at one exact framing. `blur` low-passes the crops (:func:`gaussian_blur`) so that the loss
-    cannot be lowered by pixel-level patterns the encoder over-reads. Returns (loss, mean similarity of the weighted instances), or None
-    when no instance has weight.
+    cannot be lowered by pixel-level patterns the encoder over-reads. Returns (loss, mean similarity
+    of the weighted instances), or None when no instance has weight.
     """
     weights = weights.detach()
     sel = weights > 0

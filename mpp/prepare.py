@@ -1,8 +1,7 @@
-"""Dataset preparation: raw folder (or the toy world) → latents, embeddings and a manifest.
+"""Dataset preparation: raw folder → latents, embeddings and a manifest (the toy world's: `mpp toy prepare`).
 
     python -m mpp.prepare run RAW OUT --resolution 1024 [--num_shards K --shard_index I] [--encoders.flux ...]
     python -m mpp.prepare merge OUT
-    python -m mpp.prepare toy OUT --models_dir .cache/toy/models --num_samples 512
 
 Resumable: a sample whose files exist and match its manifest record is skipped. A sample's
 record is appended (and fsynced) only after all its files are written atomically, so a killed
@@ -18,7 +17,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -28,19 +26,26 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mpp.data.layout import (
-    FORMAT_VERSION, atomic_write, atomic_write_json, read_manifest, read_prepare_info,
-    record_is_complete, sample_path, shard_manifest_name, write_manifest,
+    FORMAT_VERSION,
+    atomic_write,
+    atomic_write_json,
+    read_manifest,
+    read_prepare_info,
+    record_is_complete,
+    sample_path,
+    shard_manifest_name,
+    write_manifest,
 )
 from mpp.data.raw import RawSample, SampleError, list_sample_ids, load_raw_sample
 from mpp.encoders import EncoderSettings, Encoders, crop_boxes, parse_dtype
-from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
 
 log = logging.getLogger(__name__)
 
 
 def prepare_info(settings: EncoderSettings, resolution: int, store_dtype: str) -> dict:
     """What prepare.json records and a training config must agree with."""
-    return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.identity(), "store_dtype": store_dtype}
+    return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.identity(),
+            "store_dtype": store_dtype}
 
 
 @dataclass
@@ -101,7 +106,8 @@ def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) 
         "num_instances": len(s.instance_captions),
         "instances": [
             {"bbox": [round(float(v), 6) for v in box], "caption": c, "foreground": fg, "reference": ref}
-            for box, c, fg, ref in zip(s.boxes.tolist(), s.instance_captions, s.foreground, s.reference_paths)
+            for box, c, fg, ref in zip(s.boxes.tolist(), s.instance_captions, s.foreground, s.reference_paths,
+                                       strict=True)
         ],
     }
     files = {"image": png.getvalue(), "caption": json.dumps(caption, indent=1).encode()}
@@ -219,58 +225,11 @@ def merge_shards(output: str) -> int:
     return len(records)
 
 
-def toy_encoder_settings(models_dir: str) -> EncoderSettings:
-    """Encoder settings of the toy bundle written by `mpp.toy.models.build_toy_models`."""
-    return EncoderSettings(flux=models_dir, clip_vision=os.path.join(models_dir, "image_encoder"),
-                           dino=os.path.join(models_dir, "dino"), t5_max_length=32, clip_max_length=32,
-                           crop_margin=0.1)
-
-
-def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
-                pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, vision_steps: int = 0, num_identities: int = 8,
-                encoders: EncoderSettings | None = None, num_shards: int = 1,
-                shard_index: int = 0, progress: bool = True) -> PrepareResult:
-    """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
-    `pretrain_steps`, the vision encoders to see identity for `vision_steps`) and a toy dataset of a
-    world with `num_identities` characters: raw scenes under output/source, prepared beside them."""
-    from mpp.toy.models import build_toy_models
-    from mpp.toy.scenes import ToyWorld
-
-    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities)
-    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
-    source = os.path.join(output, "source")
-    marker = os.path.join(source, "toy.json")
-    wanted = {"num_samples": num_samples, "seed": seed, "image_size": image_size}
-    if num_identities != 8:
-        wanted["num_identities"] = num_identities
-    if os.path.exists(marker):
-        with open(marker) as f:
-            existing = json.load(f)
-        if existing != wanted:
-            raise ValueError(f"{marker}: toy data was written with {existing}, asked for {wanted}; use another output folder")
-    else:
-        shutil.rmtree(source, ignore_errors=True)
-        world.write_raw(source, num_samples)
-        atomic_write_json(marker, wanted)
-    encoders = encoders or toy_encoder_settings(models_dir)
-    existing = read_prepare_info(output)
-    if existing is not None and existing.get("encoders") != encoders.identity():
-        # the toy encoders were rebuilt (a new bundle format, another codec fit): the tensors are stale
-        log.warning("%s: toy data was prepared with other toy models; preparing it again", output)
-        for name in os.listdir(output):
-            if name != "source":
-                path = os.path.join(output, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return prepare_dataset(source, output, encoders=encoders,
-                           resolution=image_size, num_shards=num_shards, shard_index=shard_index,
-                           progress=progress)
-
-
 def main(args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    auto_cli({"run": prepare_dataset, "merge": merge_shards, "toy": prepare_toy}, args=args)
+    auto_cli({"run": prepare_dataset, "merge": merge_shards}, args=args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
-import os
 import random
+from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 
-from mpp.prepare import prepare_dataset, toy_encoder_settings
-
-TOY_SIZE = 128
+from mpp.prepare import prepare_dataset
+from mpp.toy.bundle import toy_encoder_settings
+from mpp.toy.models import build_toy_models
+from mpp.toy.scenes import ToyWorld
+from tests.helpers import TOY_SIZE
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,17 +29,14 @@ def _seeded():
 
 @pytest.fixture(scope="session")
 def toy_world():
-    from mpp.toy.scenes import ToyWorld
-
     return ToyWorld(image_size=TOY_SIZE, seed=0)
 
 
 @pytest.fixture(scope="session")
-def toy_models(tmp_path_factory, toy_world):
-    """The toy encoder bundle, built once per test session."""
-    from mpp.toy.models import build_toy_models
-
-    return str(build_toy_models(tmp_path_factory.mktemp("toy_models"), world=toy_world))
+def toy_models(tmp_path_factory, toy_world) -> Path:
+    """The toy model bundle (random backbone, untrained vision encoders), built once per test session
+    (read-only for tests: copy it before changing it)."""
+    return build_toy_models(tmp_path_factory.mktemp("toy_models"), world=toy_world)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +59,10 @@ def toy_prepared(tmp_path_factory, toy_raw, toy_settings):
     result = prepare_dataset(toy_raw, out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
     assert not result.errors and len(result.written) == 24
     return out
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    """The test's tmp_path as the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,10 +1,19 @@
-"""Test-only callbacks, referenced by class path from tests/conf/*.yaml, and random toy inputs."""
+"""Everything the tests share but fixtures (those are in the conftest files): test-only callbacks
+(referenced by class path from tests/conf/*.yaml), the CLI arguments of a toy run, random model
+inputs for the toy bundle and for the tiny FLUX config of tests/conf/tiny_flux.json."""
 
 import json
 import os
+from pathlib import Path
 
 import lightning as L
 import torch
+
+from mpp.nn import MppFlux, flux_velocity
+from mpp.toy.bundle import toy_encoder_settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_SIZE = 128  # the side of the toy world's images in the tests
 
 BOXES = [[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.9], [0.0, 0.0, 0.3, 0.3]]
 
@@ -17,7 +26,8 @@ def toy_conditioning(b: int, n: int, generator: torch.Generator, *, txt_len: int
 
     return {"prompt_embeds": randn(b, txt_len, width), "pooled_prompt_embeds": randn(b, width),
             "boxes": torch.tensor(BOXES[:n]).expand(b, n, 4), "instance_mask": torch.ones(b, n, dtype=torch.bool),
-            "instance_text": randn(b, n, width), "clip_embeds": randn(b, n, width), "dino_embeds": randn(b, n, dino_width)}
+            "instance_text": randn(b, n, width), "clip_embeds": randn(b, n, width),
+            "dino_embeds": randn(b, n, dino_width)}
 
 
 class Recorder(L.Callback):
@@ -56,3 +66,88 @@ class RankRecorder(Recorder):
 
     def __init__(self):
         super().__init__(out_dir=os.environ["MPP_RECORD_DIR"])
+
+
+def fit_args(stage, toy_models, toy_prepared, *extra, overlays=("tests/conf/fast.yaml",)):
+    enc = toy_encoder_settings(toy_models)
+    configs = [f"configs/stage{stage}.yaml", "configs/toy.yaml", *overlays]
+    return ["fit", *[a for c in configs for a in ("--config", os.path.join(ROOT, c))],
+            f"--model.backbone={toy_models}", f"--data.root={toy_prepared}", f"--data.encoders.flux={enc.flux}",
+            f"--data.encoders.clip_vision={enc.clip_vision}", f"--data.encoders.dino={enc.dino}", *extra]
+
+
+def recorder(cli) -> Recorder:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, Recorder))
+
+
+# ---- the tiny FLUX config of the mpp.nn tests
+
+CONF = Path(ROOT) / "tests" / "conf" / "tiny_flux.json"
+DIMS = {"clip_dim": 12, "dino_dim": 10, "text_dim": 8}
+LORA_RANK = 4
+TXT_LEN = 6
+
+
+def load_tiny_config() -> dict:
+    return json.loads(CONF.read_text())
+
+
+def random_boxes(gen: torch.Generator, b: int, n: int) -> torch.Tensor:
+    """Random xyxy boxes in [0, 1]; some touch the border, some are tiny."""
+    a = torch.rand(b, n, 2, generator=gen)
+    c = torch.rand(b, n, 2, generator=gen)
+    boxes = torch.cat([torch.minimum(a, c), torch.maximum(a, c)], dim=-1)
+    if n > 1:
+        boxes[:, 0] = torch.tensor([0.0, 0.0, 0.6, 1.0])  # touches three borders
+    if n > 2:
+        boxes[:, 1] = torch.tensor([0.4, 0.3, 1.0, 0.8])  # overlaps box 0, right border
+    if n > 3:
+        c0 = torch.rand(b, 2, generator=gen) * 0.9
+        boxes[:, 3] = torch.cat([c0, c0 + 0.01], dim=-1)  # smaller than a token
+    return boxes
+
+
+def plain_forward(backbone, inputs: dict) -> torch.Tensor:
+    """The plain backbone (diffusers' own forward) on `make_inputs`' inputs, B×C×h×w."""
+    return flux_velocity(backbone, inputs["latents"], inputs["timesteps"], inputs["prompt_embeds"],
+                         inputs["pooled_prompt_embeds"], guidance=float(inputs["guidance"][0]))
+
+
+def make_inputs(seed: int = 0, b: int = 2, n: int = 3, h: int = 12, w: int = 16, mask=None, boxes=None) -> dict:
+    """Random MppFlux.forward keyword arguments for the tiny config (64 in-channels → 16 latent channels)."""
+    gen = torch.Generator().manual_seed(seed)
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool)
+        if n > 1:
+            mask[0, -1] = False  # one padding slot in the first sample
+    if boxes is None:
+        boxes = random_boxes(gen, b, n)
+    return {
+        "latents": torch.randn(b, 16, h, w, generator=gen),
+        "timesteps": torch.rand(b, generator=gen),
+        "prompt_embeds": torch.randn(b, TXT_LEN, 32, generator=gen),
+        "pooled_prompt_embeds": torch.randn(b, 32, generator=gen),
+        "boxes": boxes,
+        "instance_mask": mask,
+        "instance_text": torch.randn(b, n, DIMS["text_dim"], generator=gen),
+        "clip_embeds": torch.randn(b, n, DIMS["clip_dim"], generator=gen),
+        "dino_embeds": torch.randn(b, n, DIMS["dino_dim"], generator=gen),
+        "guidance": torch.full((b,), 3.5),
+    }
+
+
+@torch.no_grad()
+def randomize(model: MppFlux, groups=("layout", "modulation", "feedback", "lora"), scale: float = 0.3, seed: int = 1):
+    """Give the zero-initialized projections (and LoRA B) random values so the heads do something."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    if "layout" in groups:
+        params += list(model.layout_proj.parameters())
+    if "modulation" in groups:
+        params += list(model.modulation.up.parameters())
+    if "feedback" in groups:
+        params += list(model.feedback.parameters())
+    if "lora" in groups:
+        params += [p for n, p in model.backbone.named_parameters() if ".lora_B." in n]
+    for p in params:
+        p.copy_(torch.randn(p.shape, generator=gen) * scale)

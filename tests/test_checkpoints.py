@@ -1,7 +1,6 @@
 import logging
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -73,5 +72,6 @@ def test_train_stage_script_finds_the_previous_stage(tmp_path):
     script = tmp_path / "train_stage2.sh"
     out = subprocess.run(["bash", str(script), "--config", "x.yaml"], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": root})
-    assert out.stdout.strip() == f"fit --config configs/stage2.yaml --ckpt_path runs/checkpoints/stage1/step=1.ckpt --config x.yaml"
+    assert out.stdout.strip() == ("fit --config configs/stage2.yaml --ckpt_path runs/checkpoints/stage1/step=1.ckpt "
+                                  "--config x.yaml")
     assert "step=2.ckpt" in out.stderr

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from mpp.data.layout import read_manifest, sample_path
 from mpp.data.sampler import ResumableShardSampler
 from mpp.datamodule import MppDataModule
-from tests.conftest import TOY_SIZE
+from tests.helpers import TOY_SIZE
 
 
 def _dm(root, settings, **kw):
@@ -28,7 +28,8 @@ def test_batches_are_padded_with_a_mask(toy_prepared, toy_settings):
         assert batch["instance_mask"][i].sum() == counts[sid]
         assert (batch["boxes"][i, counts[sid]:] == 0).all()
     assert batch["latents"].shape == (4, 16, TOY_SIZE // 8, TOY_SIZE // 8)
-    assert batch["clip_embeds"].shape[:2] == batch["dino_embeds"].shape[:2] == batch["instance_text"].shape[:2] == (4, n)
+    assert batch["clip_embeds"].shape[:2] == batch["dino_embeds"].shape[:2] == (4, n)
+    assert batch["instance_text"].shape[:2] == (4, n)
     b = batch["boxes"][batch["instance_mask"]]
     assert (b >= 0).all() and (b <= 1).all() and (b[:, 2] > b[:, 0]).all()
 
@@ -114,7 +115,8 @@ def _damaged_copy(toy_prepared, tmp_path, damage_ids):
     for sid, kind in damage_ids:
         if kind == "nan":
             path = sample_path(str(root), "latents", sid)
-            save_file({"latents": torch.full((16, TOY_SIZE // 8, TOY_SIZE // 8), float("nan"), dtype=torch.float16)}, path)
+            nan = torch.full((16, TOY_SIZE // 8, TOY_SIZE // 8), float("nan"), dtype=torch.float16)
+            save_file({"latents": nan}, path)
         elif kind == "missing":
             os.unlink(sample_path(str(root), "dino", sid))
         elif kind == "shape":
@@ -153,8 +155,8 @@ def test_too_many_bad_records_stop_the_run_with_the_list(toy_prepared, toy_setti
 
 
 def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
-    from mpp.datamodule import ToyData
-    from mpp.prepare import toy_encoder_settings
+    from mpp.toy.bundle import toy_encoder_settings
+    from mpp.toy.prepare import ToyData
 
     dm = MppDataModule(str(tmp_path / "toy"), encoders=toy_encoder_settings(toy_models), resolution=TOY_SIZE,
                        toy=ToyData(models_dir=toy_models, num_samples=10, image_size=TOY_SIZE, pretrain_steps=0,
@@ -198,7 +200,8 @@ def test_relative_and_absolute_paths_to_the_same_encoders_agree(toy_prepared, to
     monkeypatch.chdir(os.path.dirname(toy_settings.flux))
     name = os.path.basename(toy_settings.flux)
     relative = type(toy_settings)(**{**toy_settings.to_dict(), "flux": name,
-                                     "clip_vision": os.path.join(name, "image_encoder"), "dino": os.path.join(name, "dino")})
+                                     "clip_vision": os.path.join(name, "image_encoder"),
+                                     "dino": os.path.join(name, "dino")})
     _dm(toy_prepared, relative).setup("fit")  # prepared with absolute paths, configured with relative ones
 
 

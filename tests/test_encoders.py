@@ -1,10 +1,12 @@
+import json
 import os
+import shutil
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from mpp.encoders import EncoderSettings, Encoders, crop_boxes
+from mpp.encoders import VAE_CLASS_PATH, EncoderSettings, Encoders, crop_boxes
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +36,27 @@ def test_autoencoder_kl_loads_from_folder_with_flux_scaling(kl_bundle, toy_setti
     assert all(not p.requires_grad for p in enc.vae.parameters())
 
 
-def test_toy_codec_is_chosen_for_the_toy_bundle(toy_settings):
+def test_the_vae_config_names_its_class_by_import_path(toy_settings):
     from mpp.toy.codec import PatchCodec
 
+    config = json.load(open(os.path.join(toy_settings.flux, "vae", "config.json")))
+    assert config[VAE_CLASS_PATH] == "mpp.toy.codec.PatchCodec"
     enc = Encoders(toy_settings)
     assert isinstance(enc.vae, PatchCodec) and enc.vae_downsample == 8
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     z = enc.encode_images(x)
     scale, shift = enc.vae_scale
     torch.testing.assert_close(z, (enc.vae.encode(x) - shift) * scale)
+
+
+@pytest.mark.parametrize("path", ["mpp.nowhere.Codec", "mpp.encoders.parse_dtype", "PatchCodec"])
+def test_a_vae_class_path_that_is_no_module_class_is_refused(toy_models, tmp_path, path):
+    root = tmp_path / "bundle"
+    shutil.copytree(os.path.join(toy_models, "vae"), root / "vae")
+    config = json.loads((root / "vae" / "config.json").read_text())
+    (root / "vae" / "config.json").write_text(json.dumps({**config, VAE_CLASS_PATH: path}))
+    with pytest.raises(ValueError, match=f"{VAE_CLASS_PATH}.*{path}"):
+        _ = Encoders(EncoderSettings(flux=str(root))).vae
 
 
 def test_text_encoders_batch_independent(toy_settings):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mpp.evaluate import ToyColorDetector, color_histogram_similarity, evaluate
+from mpp.evaluate import ToyColorDetector, color_histogram_similarity, evaluate, mask_box
 
 
 def _layouts(world, indices):
@@ -81,3 +81,13 @@ def test_dino_similarity_of_an_image_with_itself_is_one(toy_settings, toy_world)
     a = toy_world.scene(0).image
     assert dino_similarity(enc, a, a) == pytest.approx(1.0, abs=1e-5)
     assert dino_similarity(enc, a, toy_world.scene(1).image) < 0.9999
+
+
+def test_mask_box():
+    m = np.zeros((20, 30), dtype=bool)
+    assert mask_box(m) is None
+    m[5:15, 10:20] = True
+    assert mask_box(m) == (10, 5, 20, 15)
+    m[0, 0] = True  # one stray pixel
+    assert mask_box(m) == (0, 0, 20, 15)
+    assert mask_box(m, trim=0.02) == (10, 5, 20, 15)

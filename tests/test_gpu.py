@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mpp.cli import main
-from tests.test_training import fit_args, recorder
+from tests.helpers import fit_args, recorder
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,7 +18,8 @@ pytestmark = [
 GPU = ("--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed")
 
 
-def _checkpoint_then_resume(tmp_path, monkeypatch, toy_models, toy_prepared, *extra, overlays=("tests/conf/fast.yaml",)):
+def _checkpoint_then_resume(tmp_path, monkeypatch, toy_models, toy_prepared, *extra,
+                            overlays=("tests/conf/fast.yaml",)):
     monkeypatch.chdir(tmp_path)
     first = main(fit_args(1, toy_models, toy_prepared, *GPU, *extra, "--trainer.max_steps=3", overlays=overlays))
     ckpt_path = tmp_path / "runs/checkpoints/stage1/step=0000003.ckpt"
@@ -73,7 +74,8 @@ def test_predict_on_gpu(tmp_path, monkeypatch, toy_models, toy_prepared, toy_wor
     main(args)
     Image.fromarray(toy_world.reference(toy_world.identities[0].name)).save(tmp_path / "ref.png")
     lines = [{"id": f"s{i}", "prompt": s.caption,
-              "instances": [{"bbox": list(x.bbox), "caption": x.caption, **({"reference": "ref.png"} if x.foreground else {})}
+              "instances": [{"bbox": list(x.bbox), "caption": x.caption,
+                             **({"reference": "ref.png"} if x.foreground else {})}
                             for x in s.instances]}
              for i, s in enumerate(toy_world.scene(k) for k in (3, 4))]
     (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")

@@ -4,9 +4,20 @@ import pytest
 import torch
 
 from mpp.encoders import Encoders, crop_boxes
-from mpp.losses import (alpha_loss, alpha_metrics, alpha_targets, auc, box_embeddings, gaussian_blur, identity_crops,
-                        identity_loss, identity_weights, latent_windows, view_jitter)
 from mpp.lit_module import Loss
+from mpp.losses import (
+    alpha_loss,
+    alpha_metrics,
+    alpha_targets,
+    auc,
+    box_embeddings,
+    gaussian_blur,
+    identity_crops,
+    identity_loss,
+    identity_weights,
+    latent_windows,
+    view_jitter,
+)
 from mpp.nn.alpha import AlphaPredictor
 
 

@@ -4,13 +4,12 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import mpp.prepare as prepare_mod
 from mpp.data.layout import file_sha256, read_manifest, sample_path
 from mpp.prepare import merge_shards, prepare_dataset
-from tests.conftest import TOY_SIZE
+from tests.helpers import TOY_SIZE
 
 
 def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settings):
@@ -27,7 +26,7 @@ def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settin
         cap = json.load(open(sample_path(toy_prepared, "caption", r["id"])))
         raw = json.load(open(os.path.join(toy_raw, "captions", r["id"] + ".json")))
         assert cap["num_instances"] == n == len(raw["instances"])
-        for inst, src in zip(cap["instances"], raw["instances"]):
+        for inst, src in zip(cap["instances"], raw["instances"], strict=True):
             assert [round(v * TOY_SIZE, 3) for v in inst["bbox"]] == pytest.approx(src["bbox"], abs=1e-3)
         assert load_file(sample_path(toy_prepared, "clip", r["id"]))["embeds"].shape == (n, 32)
         assert load_file(sample_path(toy_prepared, "dino", r["id"]))["embeds"].shape == (n, 64)
@@ -94,7 +93,10 @@ def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch)
 
     clean = str(tmp_path / "clean")
     prepare_dataset(str(raw), clean, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
-    by_id = lambda root: {r["id"]: r for r in read_manifest(os.path.join(root, "manifest.jsonl"))}
+
+    def by_id(root):
+        return {r["id"]: r for r in read_manifest(os.path.join(root, "manifest.jsonl"))}
+
     assert by_id(out) == by_id(clean)
 
 
@@ -109,7 +111,9 @@ def test_sharded_then_merged_equals_unsharded(toy_raw, toy_settings, tmp_path):
     assert open(os.path.join(whole, "manifest.jsonl")).read() == open(os.path.join(sharded, "manifest.jsonl")).read()
     for r in read_manifest(os.path.join(whole, "manifest.jsonl")):
         for kind in r["files"]:
-            assert open(sample_path(whole, kind, r["id"]), "rb").read() == open(sample_path(sharded, kind, r["id"]), "rb").read()
+            with open(sample_path(whole, kind, r["id"]), "rb") as a:
+                with open(sample_path(sharded, kind, r["id"]), "rb") as b:
+                    assert a.read() == b.read()
 
 
 def test_other_encoder_settings_are_refused(toy_prepared, toy_settings, toy_raw, tmp_path):
@@ -124,7 +128,7 @@ def test_other_encoder_settings_are_refused(toy_prepared, toy_settings, toy_raw,
 def test_encoder_weights_changed_in_place_are_refused(toy_prepared, toy_models, tmp_path):
     """Same folders, re-fitted VAE: the dataset's latents are stale, and the datamodule says so."""
     from mpp.datamodule import MppDataModule
-    from mpp.prepare import toy_encoder_settings
+    from mpp.toy.bundle import toy_encoder_settings
     from mpp.toy.codec import PatchCodec
 
     models = tmp_path / "models"
@@ -144,23 +148,6 @@ def test_encoder_weights_changed_in_place_are_refused(toy_prepared, toy_models, 
         MppDataModule(root=str(data), encoders=toy_encoder_settings(str(models)), resolution=TOY_SIZE,
                       val_fraction=0.2).setup("fit")
     assert "flux/vae" in str(e.value)
-
-
-def test_toy_data_is_prepared_again_when_its_models_change(toy_models, tmp_path):
-    from mpp.prepare import prepare_toy, toy_encoder_settings
-    from mpp.toy.codec import PatchCodec
-
-    models, data = tmp_path / "models", tmp_path / "data"
-    shutil.copytree(toy_models, models)
-    prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
-    before = {r["id"]: r for r in read_manifest(str(data / "manifest.jsonl"))}
-    codec = PatchCodec.from_pretrained(models, subfolder="vae")
-    codec.channel_std.mul_(2.0)
-    codec.save_pretrained(models / "vae")
-    result = prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
-    assert sorted(result.written) == sorted(before)  # every sample encoded again, none kept
-    info = json.loads((data / "prepare.json").read_text())
-    assert info["encoders"] == toy_encoder_settings(str(models)).identity()
 
 
 # ---- bad inputs: one test per case, each names the file and the good samples still come out ----
@@ -188,12 +175,18 @@ def _edit_caption(raw, sid, edit):
 
 
 def test_unreadable_image(toy_raw, toy_settings, tmp_path):
-    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, lambda raw, sid: (raw / "images" / f"{sid}.png").write_bytes(b"not a png"))
+    def damage(raw, sid):
+        (raw / "images" / f"{sid}.png").write_bytes(b"not a png")
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
     assert msg.startswith(str(raw / "images" / f"{bad}.png")) and "unreadable image" in msg
 
 
 def test_missing_caption_file(toy_raw, toy_settings, tmp_path):
-    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, lambda raw, sid: (raw / "captions" / f"{sid}.json").unlink())
+    def damage(raw, sid):
+        (raw / "captions" / f"{sid}.json").unlink()
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
     assert msg.startswith(str(raw / "captions" / f"{bad}.json")) and "missing caption file" in msg
 
 
@@ -202,7 +195,8 @@ def test_box_outside_image(toy_raw, toy_settings, tmp_path):
         _edit_caption(raw, sid, lambda d: d["instances"][0].update(bbox=[10, 10, 500, 40]))
 
     msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
-    assert str(raw / "captions" / f"{bad}.json") in msg and "instance 0 bbox [10, 10, 500, 40] lies outside the image" in msg
+    assert str(raw / "captions" / f"{bad}.json") in msg
+    assert "instance 0 bbox [10, 10, 500, 40] lies outside the image" in msg
 
 
 def test_zero_area_box(toy_raw, toy_settings, tmp_path):

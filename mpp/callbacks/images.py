@@ -63,7 +63,8 @@ class ImageLogger(L.Callback):
         if trainer.global_step % self.every_n_steps == 0:  # the untrained baseline, step 0
             self._maybe_log(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._maybe_log(trainer, pl_module)
 

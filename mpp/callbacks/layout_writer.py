@@ -1,7 +1,7 @@
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mpp.generate import save_generated, write_report
+from mpp.layouts import save_generated, write_report
 
 
 class LayoutWriter(BasePredictionWriter):

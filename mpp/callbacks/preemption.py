@@ -33,7 +33,8 @@ class PreemptionCheckpoint(L.Callback):
         if stage == "fit" and not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
             signal.signal(signal.SIGUSR1, self._on_notice)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         stepped = trainer.global_step != self._last_step
         self._last_step = trainer.global_step
         if trainer.received_sigterm or (self._notice and stepped):

@@ -12,7 +12,8 @@ class Throughput(L.Callback):
         self._samples = 0
         self._batches = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         now = time.perf_counter()
         if self._start is None:  # the first batch pays for start-up; measure from its end
             self._start = now

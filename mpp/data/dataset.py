@@ -14,11 +14,6 @@ from torch.utils.data import Dataset
 from mpp.data.layout import sample_path
 
 
-# the batch keys that condition the model (besides the latents)
-CONDITIONING = ("prompt_embeds", "pooled_prompt_embeds", "boxes", "instance_mask", "instance_text",
-                "clip_embeds", "dino_embeds")
-
-
 @dataclass
 class BadRecord:
     id: str

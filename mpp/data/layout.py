@@ -108,4 +108,5 @@ def check_prepare_info(root: str, expected: dict) -> None:
     differing = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
     if differing:
         lines = "\n".join(f"  {k}: dataset has {a!r}, config asks for {b!r}" for k, (a, b) in differing.items())
-        raise ValueError(f"{os.path.join(root, 'prepare.json')} was prepared with other settings than the config:\n{lines}")
+        raise ValueError(f"{os.path.join(root, 'prepare.json')} was prepared with other settings than the "
+                         f"config:\n{lines}")

@@ -142,7 +142,8 @@ def load_raw_sample(root: str, sample_id: str, image_path: str, *, resolution: i
         references.append(ref)
         ref_paths.append(ref_rel)
     if require_instances and not boxes:
-        raise SampleError(sample_id, f"{caption_path}: every instance lies outside the centre crop at resolution {resolution}")
+        raise SampleError(sample_id, f"{caption_path}: every instance lies outside the centre crop at resolution "
+                                     f"{resolution}")
     return RawSample(
         id=sample_id, image=to_tensor(cropped), caption=data["caption"],
         boxes=torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),

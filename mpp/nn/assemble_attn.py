@@ -12,8 +12,9 @@ Projections (the block's own weights, always with the LoRA adapter when there is
   block's context chunks, ``add_q/k/v_proj`` + ``norm_added_q/k``, ``to_add_out``, gated by
   the context ``gate_msa``, then the context feed-forward (``norm2_context``, ``ff_context``, context
   mlp chunks) exactly as a text token would be updated.
-* single blocks: image and instance tokens share ``to_q/k/v`` + ``norm_q/k``; image outputs use the attention columns of ``proj_out`` (no bias); the instance token gets the
-  full single-block update (AdaLN ``norm`` with the block's chunks, parallel MLP, ``proj_out``, gate).
+* single blocks: image and instance tokens share ``to_q/k/v`` + ``norm_q/k``; image outputs use the
+  attention columns of ``proj_out`` (no bias); the instance token gets the full single-block update
+  (AdaLN ``norm`` with the block's chunks, parallel MLP, ``proj_out``, gate).
 
 Image tokens carry the RoPE of their position. The instance token carries none, or (``inst_rope``)
 the RoPE of its box centre on the same grid, so its attention scores depend on where a token sits
@@ -165,7 +166,7 @@ def _gather_img_qkv(attn: nn.Module, layout: InstanceLayout, img_norm: Tensor, i
     gathered = [gather_tokens(t, layout) for t in img_qkv]
     if add_lora:
         xg = gather_tokens(img_norm, layout)
-        gathered = [add_delta(t, m, xg) for t, m in zip(gathered, (attn.to_q, attn.to_k, attn.to_v))]
+        gathered = [add_delta(t, m, xg) for t, m in zip(gathered, (attn.to_q, attn.to_k, attn.to_v), strict=True)]
     hd = attn.head_dim
     q, k, v = (split_heads(t, hd) for t in gathered)
     return attn.norm_q(q), attn.norm_k(k), v

@@ -1,4 +1,4 @@
-"""Loading or building the frozen FLUX transformer."""
+"""Loading or building the frozen FLUX transformer, and calling it as diffusers does."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import os
 
 import torch
 from diffusers import FluxTransformer2DModel
+from torch import Tensor
+
+from .config import DEFAULT_GUIDANCE
+from .packing import image_ids, pack_latents, text_ids, unpack_latents
 
 
 def build_backbone(
@@ -38,3 +42,25 @@ def build_backbone(
     ):
         subfolder = None
     return FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+
+
+def flux_velocity(transformer: FluxTransformer2DModel, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor,
+                  pooled_prompt_embeds: Tensor, guidance: float = DEFAULT_GUIDANCE) -> Tensor:
+    """The plain backbone's velocity for B×C×h×w latents, called as ``FluxPipeline`` calls it (packed
+    latents, ``img_ids``/``txt_ids``, timesteps in [0, 1]); inputs are cast to its weights' dtype."""
+    b, _, h, w = latents.shape
+    device, dtype = latents.device, next(transformer.parameters()).dtype
+    kwargs = {}
+    if transformer.config.guidance_embeds:
+        kwargs["guidance"] = torch.full((b,), float(guidance), device=device, dtype=dtype)
+    out = transformer(
+        hidden_states=pack_latents(latents.to(dtype)),
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        pooled_projections=pooled_prompt_embeds.to(dtype),
+        timestep=timesteps.to(device=device, dtype=dtype),  # the model multiplies by 1000
+        img_ids=image_ids(h // 2, w // 2, device=device, dtype=dtype),
+        txt_ids=text_ids(prompt_embeds.shape[1], device=device, dtype=dtype),
+        return_dict=False,
+        **kwargs,
+    )[0]
+    return unpack_latents(out, h, w)

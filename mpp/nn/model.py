@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .alpha import AlphaPredictor
 from .assemble_attn import InstanceLayout, box_centre_ids, box_mean, build_layout, spread_instances
 from .blocks import AssembleInput, double_block_forward, single_block_forward
+from .config import DEFAULT_GUIDANCE, HeadsConfig
 from .feedback import FeedbackBridge
 from .instance_encoder import InstanceEncoder, NullEmbeddings
 from .lora import add_lora, check_scope, lora_parameters, lora_state_dict, lora_target_modules
@@ -27,9 +28,6 @@ STAGE_GROUPS = {
     2: ("instance_encoder", "layout", "lora", "modulation"),
     3: ("feedback",),
 }
-# guidance fed to a guidance-distilled backbone (FLUX.1-dev) when the caller passes none; the same
-# default as FluxPipeline's guidance_scale and diffusers' FLUX LoRA training scripts.
-DEFAULT_GUIDANCE = 3.5
 
 
 @dataclass
@@ -50,27 +48,13 @@ def _check_blocks(name: str, blocks, count: int) -> list[int]:
 
 
 class MppFlux(nn.Module):
-    def __init__(
-        self,
-        backbone: FluxTransformer2DModel,
-        *,
-        clip_dim: int,
-        dino_dim: int,
-        text_dim: int,
-        layout_double_blocks: list[int] | None = None,
-        layout_single_blocks: list[int] | None = None,
-        lora_rank: int = 128,
-        lora_alpha: float | None = None,
-        lora_scope: str = "layout",
-        identity_dim: int = 256,
-        modulation_rank: int = 8,
-        fourier_freqs: int = 8,
-        modality_dropout: float = 0.1,
-        use_layout_head: bool = True,
-        instance_rope: bool = False,
-        gradient_checkpointing: bool = False,
-    ):
+    """The backbone with mpp's heads; `heads` says which and how wide (default: `HeadsConfig()`)."""
+
+    def __init__(self, backbone: FluxTransformer2DModel, *, clip_dim: int, dino_dim: int, text_dim: int,
+                 heads: HeadsConfig | None = None):
         super().__init__()
+        heads = heads or HeadsConfig()
+        lora_rank, lora_scope, use_layout_head = heads.lora_rank, heads.lora_scope, heads.use_layout_head
         check_scope(lora_scope)
         if lora_scope == "layout" and not use_layout_head and lora_rank > 0:
             raise ValueError(
@@ -81,8 +65,10 @@ class MppFlux(nn.Module):
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
         cfg = backbone.config
         n_double, n_single = cfg.num_layers, cfg.num_single_layers
+        layout_double_blocks = heads.layout_double_blocks
         if layout_double_blocks is None:
             layout_double_blocks = list(range(0, n_double, 3))
+        layout_single_blocks = heads.layout_single_blocks
         if layout_single_blocks is None:
             layout_single_blocks = [0] if n_single > 0 else []
         self.layout_double_blocks = _check_blocks("layout_double_blocks", layout_double_blocks, n_double)
@@ -95,23 +81,23 @@ class MppFlux(nn.Module):
         self.lora_scope = lora_scope
         self.lora_rank = lora_rank
         self.use_layout_head = use_layout_head
-        self.instance_rope = instance_rope
-        self.gradient_checkpointing = gradient_checkpointing
+        self.instance_rope = heads.instance_rope
+        self.gradient_checkpointing = heads.gradient_checkpointing
         inner = backbone.inner_dim
         self.inner_dim = inner
 
         self.backbone = backbone
         backbone.requires_grad_(False)
 
-        self.null_embeddings = NullEmbeddings(clip_dim, dino_dim, text_dim, modality_dropout)
+        self.null_embeddings = NullEmbeddings(clip_dim, dino_dim, text_dim, heads.modality_dropout)
         self.alpha_predictor = AlphaPredictor(clip_dim, dino_dim)
         self.instance_encoder = (
-            InstanceEncoder(clip_dim, dino_dim, text_dim, inner, fourier_freqs) if use_layout_head else None
+            InstanceEncoder(clip_dim, dino_dim, text_dim, inner, heads.fourier_freqs) if use_layout_head else None
         )
         self.layout_proj = nn.ModuleList(zero_linear(inner, inner) for _ in range(num_layout if use_layout_head else 0))
         chunks = [6] * len(self.layout_double_blocks) + [3] * len(self.layout_single_blocks)
-        self.modulation = ModulationHead(clip_dim, dino_dim, identity_dim, inner, modulation_rank, chunks)
-        self.feedback = FeedbackBridge(inner, identity_dim, max(num_layout - 1, 0), with_token=use_layout_head)
+        self.modulation = ModulationHead(clip_dim, dino_dim, heads.identity_dim, inner, heads.modulation_rank, chunks)
+        self.feedback = FeedbackBridge(inner, heads.identity_dim, max(num_layout - 1, 0), with_token=use_layout_head)
 
         if lora_rank > 0:
             if lora_scope == "all":
@@ -119,7 +105,7 @@ class MppFlux(nn.Module):
             else:
                 targets = lora_target_modules(self.layout_double_blocks, self.layout_single_blocks)
             if targets:
-                add_lora(backbone, targets, lora_rank, lora_alpha)
+                add_lora(backbone, targets, lora_rank, heads.lora_alpha)
         for p in lora_parameters(backbone):
             # trainable adapter weights stay float32 beside a bf16/fp16 backbone (as diffusers' LoRA scripts
             # do); peft casts the input to the adapter's dtype and the result back

@@ -7,7 +7,11 @@ import argparse
 from collections.abc import Iterable
 
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import nn
+
+from .config import HeadsConfig
+from .model import MppFlux
 
 # diffusers' FluxTransformer2DModel config of black-forest-labs/FLUX.1-dev
 FLUX_DEV_CONFIG = {
@@ -54,16 +58,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_flux_dev(device: str | torch.device = "meta", **mpp_kwargs):
+def build_flux_dev(device: str | torch.device = "meta", heads: HeadsConfig | None = None) -> MppFlux:
     """MppFlux around the real FLUX.1-dev transformer config with the real encoder widths."""
-    from diffusers import FluxTransformer2DModel
-
-    from .model import MppFlux
-
-    kwargs = {**REAL_ENCODER_DIMS, "lora_rank": 128, **mpp_kwargs}
     with torch.device(device):
         backbone = FluxTransformer2DModel.from_config(FLUX_DEV_CONFIG)
-        return MppFlux(backbone, **kwargs)
+        return MppFlux(backbone, **REAL_ENCODER_DIMS, heads=heads)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-rank", type=int, default=128)
     parser.add_argument("--lora-scope", default="layout", choices=["layout", "all"])
     args = parser.parse_args(argv)
-    model = build_flux_dev(lora_rank=args.lora_rank, lora_scope=args.lora_scope)
+    model = build_flux_dev(heads=HeadsConfig(lora_rank=args.lora_rank, lora_scope=args.lora_scope))
     report = parameter_report(model)
     print(f"FLUX.1-dev transformer, LoRA rank {args.lora_rank} scope {args.lora_scope}, "
           f"layout blocks {model.layout_blocks}")

@@ -1,14 +1,31 @@
 """``python -m mpp.toy raw ROOT --num N`` writes toy scenes in the raw format;
 ``python -m mpp.toy models CACHE_DIR [--pretrain-steps N]`` builds (or reuses) the toy model bundle,
-with its backbone pretrained on toy scenes for N steps (0: random init)."""
+with its backbone pretrained on toy scenes for N steps (0: random init);
+``python -m mpp.toy prepare OUT --models_dir DIR [--num_samples N ...]`` builds the bundle and a
+prepared toy dataset (`mpp.toy.prepare.prepare_toy`; ``prepare --help`` lists its options)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import time
+
+from jsonargparse import auto_cli
+
+from .models import build_toy_models
+from .prepare import prepare_toy
+from .pretrain import DEFAULT_PRETRAIN_STEPS
+from .scenes import ToyWorld
+from .vision import VISION_PRETRAIN_STEPS
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        auto_cli(prepare_toy, args=argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="mpp toy", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     raw = sub.add_parser("raw", help="write toy scenes as a raw dataset")
@@ -28,21 +45,14 @@ def main(argv=None) -> None:
                         help="pretraining steps of the toy CLIP vision and DINOv2 encoders "
                              "(default: mpp.toy.vision.VISION_PRETRAIN_STEPS; 0 keeps them random)")
     models.add_argument("--num-identities", type=int, default=32, help="characters of the world (as configs/toy.yaml)")
+    sub.add_parser("prepare", help="build the bundle and a prepared toy dataset (prepare --help)")
     args = parser.parse_args(argv)
-
-    from .scenes import ToyWorld
 
     start = time.perf_counter()
     if args.cmd == "raw":
         ids = ToyWorld(seed=args.seed).write_raw(args.root, args.num, start=args.start)
         print(f"wrote {len(ids)} scenes to {args.root} in {time.perf_counter() - start:.1f}s")
     else:
-        import logging
-
-        from .models import build_toy_models
-        from .pretrain import DEFAULT_PRETRAIN_STEPS
-        from .vision import VISION_PRETRAIN_STEPS
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         steps = DEFAULT_PRETRAIN_STEPS if args.pretrain_steps is None else args.pretrain_steps
         vision = VISION_PRETRAIN_STEPS if args.vision_steps is None else args.vision_steps

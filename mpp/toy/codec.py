@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mpp.encoders import VAE_CLASS_PATH
+
 __all__ = ["PatchCodec", "CodecConfig", "psnr"]
 
 CONFIG_NAME = "config.json"
@@ -131,7 +133,7 @@ class PatchCodec(torch.nn.Module):
     # ------------------------------------------------------------------ fitting
     @classmethod
     @torch.no_grad()
-    def fit(cls, images: Tensor, *, patch_size: int = 8, latent_channels: int = 16) -> "PatchCodec":
+    def fit(cls, images: Tensor, *, patch_size: int = 8, latent_channels: int = 16) -> PatchCodec:
         """PCA over all patches of ``images`` (B×3×H×W in [-1, 1]); deterministic.
 
         Components are sorted by decreasing variance and their sign fixed so that each one's
@@ -166,7 +168,8 @@ class PatchCodec(torch.nn.Module):
     def save_pretrained(self, path, **_ignored) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": type(self).__name__, **self.config}
+        cls = type(self)
+        config = {"_class_name": cls.__name__, VAE_CLASS_PATH: f"{cls.__module__}.{cls.__qualname__}", **self.config}
         tmp = path / f".{CONFIG_NAME}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path / CONFIG_NAME)

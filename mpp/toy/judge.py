@@ -69,7 +69,8 @@ def accuracy(judge: IdentityJudge, crops: Tensor, labels: Tensor) -> dict:
     return out
 
 
-def train_judge(codec, *, steps: int = 800, batch_size: int = 128, seed: int = 0, pool_size: int = 8192) -> tuple[IdentityJudge, dict]:
+def train_judge(codec, *, steps: int = 800, batch_size: int = 128, seed: int = 0,
+                pool_size: int = 8192) -> tuple[IdentityJudge, dict]:
     """Trains a judge on renders of every combination (half through the codec). Returns it and its
     held-out accuracy per attribute and for the whole identity, on codec round-tripped crops."""
     identities = all_identities()

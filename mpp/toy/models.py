@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpp.encoders import VAE_CLASS_PATH
+
 from .codec import PatchCodec
+from .pretrain import pretrain_toy_backbone
 from .scenes import ToyWorld
 from .vision import pretrain_vision_encoders
 
@@ -234,7 +237,8 @@ def _build(out: Path, world: ToyWorld, seed: int, fit_samples: int) -> None:
         )
     )
     clip_vision.save_pretrained(out / "image_encoder")
-    _write_json(out / "image_encoder" / "preprocessor_config.json", _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
+    _write_json(out / "image_encoder" / "preprocessor_config.json",
+                _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
 
     _seeded(seed + 4)
     dino = Dinov2Model(
@@ -248,15 +252,14 @@ def _build(out: Path, world: ToyWorld, seed: int, fit_samples: int) -> None:
         )
     )
     dino.save_pretrained(out / "dino")
-    _write_json(out / "dino" / "preprocessor_config.json", _preprocessor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
+    _write_json(out / "dino" / "preprocessor_config.json",
+                _preprocessor_config("BitImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
 
     _seeded(seed + 5)
     FluxTransformer2DModel(**toy_flux_config()).save_pretrained(out / "transformer")
 
 
 def _pretrain(out: Path, world: ToyWorld, seed: int, steps: int) -> None:
-    from .pretrain import pretrain_toy_backbone
-
     result = pretrain_toy_backbone(out, world=world, steps=steps, batch_size=PRETRAIN_BATCH_SIZE, lr=PRETRAIN_LR,
                                    seed=seed, num_scenes=PRETRAIN_SCENES)
     # no wall time here: the bundle's files stay a pure function of its parameters
@@ -290,6 +293,14 @@ def _read_marker(path: Path) -> dict | None:
         return None
 
 
+def _name_codec_class(bundle: Path) -> None:
+    """A bundle written before the VAE config named its class by import path (how `mpp.encoders`
+    finds the codec) gets the name, instead of a rebuild: the weights are the same."""
+    path = bundle / "vae" / "config.json"
+    if path.is_file() and VAE_CLASS_PATH not in json.loads(path.read_text(encoding="utf-8")):
+        PatchCodec.from_pretrained(bundle / "vae").save_pretrained(bundle / "vae")
+
+
 def build_toy_models(
     cache_dir,
     *,
@@ -319,6 +330,7 @@ def build_toy_models(
     world = world if world is not None else ToyWorld(seed=seed)
     marker = _marker(world, seed, fit_samples, pretrain_steps, vision_steps)
     if not overwrite and _read_marker(cache_dir) == marker:
+        _name_codec_class(cache_dir)
         return cache_dir
 
     from transformers.utils import logging as hf_logging

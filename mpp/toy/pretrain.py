@@ -25,17 +25,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 
+from mpp.encoders import Encoders
+from mpp.flow import flow_matching_loss, noisy_latents, sample_timesteps
+from mpp.nn import flux_velocity
+
+from .bundle import toy_encoder_settings
 from .scenes import ToyWorld
 
 __all__ = [
     "DEFAULT_PRETRAIN_STEPS",
     "PRETRAIN_INDEX_OFFSET",
-    "PRETRAIN_GUIDANCE",
     "ToyBatch",
     "encode_toy_scenes",
-    "flux_velocity",
     "pretrain_toy_backbone",
     "toy_flow_loss",
 ]
@@ -44,7 +49,6 @@ log = logging.getLogger(__name__)
 
 PRETRAIN_INDEX_OFFSET = 20_000_000  # training scenes: disjoint from datasets (0..) and the codec fit (10M..)
 HELDOUT_INDEX_OFFSET = 30_000_000  # the fixed held-out batch behind initial_loss / final_loss
-PRETRAIN_GUIDANCE = 3.5  # what mpp's training feeds the guidance embedding
 # Budget for real use (``python -m mpp.toy models``, configs/toy.yaml): 1200 steps at batch 32, about
 # 10 minutes on two CPU threads. Not converged; with fewer steps the samples are per-patch colour
 # noise that no layout head can place.
@@ -65,8 +69,9 @@ class ToyBatch:
     def __len__(self) -> int:
         return len(self.latents)
 
-    def take(self, idx: Tensor) -> "ToyBatch":
-        return ToyBatch(self.latents[idx], self.prompt_embeds[idx], self.pooled[idx], [self.captions[i] for i in idx.tolist()])
+    def take(self, idx: Tensor) -> ToyBatch:
+        return ToyBatch(self.latents[idx], self.prompt_embeds[idx], self.pooled[idx],
+                        [self.captions[i] for i in idx.tolist()])
 
 
 @torch.no_grad()
@@ -86,35 +91,11 @@ def encode_toy_scenes(encoders, world: ToyWorld, indices) -> ToyBatch:
     return ToyBatch(torch.cat(latents), torch.cat(states), torch.cat(pooled), captions)
 
 
-def flux_velocity(transformer, x_t: Tensor, t: Tensor, prompt_embeds: Tensor, pooled: Tensor,
-                  guidance: float = PRETRAIN_GUIDANCE) -> Tensor:
-    """The velocity of a B×C×h×w latent, calling ``FluxTransformer2DModel`` as ``FluxPipeline`` does."""
-    from mpp.nn.packing import image_ids, pack_latents, text_ids, unpack_latents
-
-    b, _, h, w = x_t.shape
-    dtype = next(transformer.parameters()).dtype
-    kwargs = {}
-    if transformer.config.guidance_embeds:
-        kwargs["guidance"] = torch.full((b,), float(guidance), device=x_t.device, dtype=dtype)
-    out = transformer(
-        hidden_states=pack_latents(x_t.to(dtype)),
-        encoder_hidden_states=prompt_embeds.to(dtype),
-        pooled_projections=pooled.to(dtype),
-        timestep=t.to(device=x_t.device, dtype=dtype),  # in [0, 1]; the model multiplies by 1000
-        img_ids=image_ids(h // 2, w // 2, device=x_t.device, dtype=dtype),
-        txt_ids=text_ids(prompt_embeds.shape[1], device=x_t.device, dtype=dtype),
-        return_dict=False,
-        **kwargs,
-    )[0]
-    return unpack_latents(out, h, w)
-
-
 def toy_flow_loss(transformer, batch: ToyBatch, noise: Tensor, t: Tensor) -> Tensor:
     """Flow-matching MSE of ``transformer`` on ``batch`` for the given noise and timesteps."""
-    from mpp.flow import flow_matching_loss, noisy_latents
-
     x_t = noisy_latents(batch.latents, noise, t)
-    return flow_matching_loss(flux_velocity(transformer, x_t, t, batch.prompt_embeds, batch.pooled), batch.latents, noise)
+    velocity = flux_velocity(transformer, x_t, t, batch.prompt_embeds, batch.pooled)
+    return flow_matching_loss(velocity, batch.latents, noise)
 
 
 def _heldout_loss(transformer, batch: ToyBatch, noise: Tensor, t: Tensor) -> float:
@@ -172,7 +153,8 @@ def pretrain_toy_backbone(
     held-out batch (``HELDOUT_SIZE`` other scenes, fixed noise and timesteps) before and after.
     """
     if steps < 0 or batch_size < 1 or num_scenes < 1:
-        raise ValueError(f"need steps >= 0, batch_size >= 1 and num_scenes >= 1 (got {steps}, {batch_size}, {num_scenes})")
+        raise ValueError(f"need steps >= 0, batch_size >= 1 and num_scenes >= 1 "
+                         f"(got {steps}, {batch_size}, {num_scenes})")
     # At most two intra-op threads: at batch 32 the 128-wide toy model takes 0.74 s/step on one and
     # 0.51 s on two; more add spin-waiting, which on a loaded CPU made steps up to 10x slower.
     threads = torch.get_num_threads()
@@ -185,16 +167,9 @@ def pretrain_toy_backbone(
 
 
 def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scenes, log_every) -> dict:
-    from diffusers import FluxTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    from mpp.encoders import Encoders
-    from mpp.flow import sample_timesteps
-    from mpp.prepare import toy_encoder_settings
-
     start = time.perf_counter()
     torch.manual_seed(seed)
-    encoders = Encoders(toy_encoder_settings(os.fspath(models_dir)))
+    encoders = Encoders(toy_encoder_settings(models_dir))
     data = encode_toy_scenes(encoders, world, range(PRETRAIN_INDEX_OFFSET, PRETRAIN_INDEX_OFFSET + num_scenes))
     heldout = encode_toy_scenes(encoders, world, range(HELDOUT_INDEX_OFFSET, HELDOUT_INDEX_OFFSET + HELDOUT_SIZE))
     del encoders
@@ -243,6 +218,7 @@ def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scene
         if bars:
             diffusers_logging.enable_progress_bar()
     seconds = time.perf_counter() - start
-    log.info("toy backbone pretrained: %d steps, held-out loss %.4f -> %.4f, %.1fs", steps, initial_loss, final_loss, seconds)
+    log.info("toy backbone pretrained: %d steps, held-out loss %.4f -> %.4f, %.1fs", steps, initial_loss, final_loss,
+             seconds)
     return {"steps": int(steps), "initial_loss": float(initial_loss), "final_loss": float(final_loss),
             "seconds": float(seconds)}

@@ -12,8 +12,8 @@ Colour contract (what an evaluator relies on):
   anti-aliasing), and the shapes are drawn to the box extents, so the pixels of that colour fill
   most of the box and their bounding box is the instance box (up to occlusion by later instances);
 - textures use a neutral second colour (white or black) that is far from every main colour, and
-  background tones are pale and far from every instance colour, so :func:`color_mask` segments an
-  instance by its colour alone.
+  background tones are pale and far from every instance colour, so :func:`mpp.evaluate.color_mask`
+  segments an instance by its colour alone.
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mpp.evaluate import box_iou
+
 __all__ = [
     "Identity",
     "ToyInstance",
     "Scene",
     "ToyWorld",
-    "color_mask",
-    "mask_box",
-    "box_iou",
     "IDENTITY_COLORS",
     "ELEMENT_KINDS",
     "BACKGROUND_TONES",
@@ -117,43 +116,11 @@ class Scene:
 # ----------------------------------------------------------------------------------- helpers
 
 
-def box_iou(a, b) -> float:
-    """IoU of two xyxy boxes."""
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _overlap_of_smaller(a, b) -> float:
     iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
     return iw * ih / smaller
-
-
-def color_mask(image: np.ndarray, color, tol: float = 40.0) -> np.ndarray:
-    """Boolean H×W mask of pixels within Euclidean RGB distance ``tol`` of ``color``."""
-    diff = image[..., :3].astype(np.int32) - np.asarray(color, dtype=np.int32)
-    return (diff * diff).sum(-1) <= tol * tol
-
-
-def mask_box(mask: np.ndarray, trim: float = 0.0) -> tuple[int, int, int, int] | None:
-    """xyxy box (x1/y1 exclusive) of a boolean mask, or None if empty.
-
-    ``trim`` > 0 drops that fraction of the mask's pixels at each side (per axis), which makes the
-    box robust to stray pixels of a similar colour, e.g. in decoded or generated images.
-    """
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
-        return None
-    if trim <= 0:
-        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    q = (100.0 * trim, 100.0 * (1.0 - trim))
-    x0, x1 = np.percentile(xs, q, method="nearest")
-    y0, y1 = np.percentile(ys, q, method="nearest")
-    return int(x0), int(y0), int(x1) + 1, int(y1) + 1
 
 
 def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:

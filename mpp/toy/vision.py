@@ -24,8 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scenes import (IDENTITY_COLORS, SHAPES, TEXTURES, Identity, all_identities, background, paint_identity,
-                     reference_image)
+from .scenes import (
+    IDENTITY_COLORS,
+    SHAPES,
+    TEXTURES,
+    Identity,
+    all_identities,
+    background,
+    paint_identity,
+    reference_image,
+)
 
 __all__ = ["CROP_SIZE", "VISION_PRETRAIN_STEPS", "identity_labels", "render_crops", "render_references",
            "pretrain_vision_encoders", "retrieval_accuracy", "codec_round_trip"]
@@ -134,8 +142,10 @@ def _train(embedder: _Embedder, pool: Tensor, labels: Tensor, *, steps: int, bat
     embedder.model.requires_grad_(True).train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    def lr_factor(s: int) -> float:
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     combos = combo_index(labels)
     for step in range(steps):
         idx = torch.randint(len(pool), (batch_size,), generator=g)

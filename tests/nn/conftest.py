@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nn_helpers import DIMS, LORA_RANK, load_tiny_config
 
-from mpp.nn import MppFlux, build_backbone
+from mpp.nn import HeadsConfig, MppFlux, build_backbone
+from tests.helpers import DIMS, LORA_RANK, load_tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -16,15 +16,15 @@ def tiny_config() -> dict:
 
 @pytest.fixture
 def make_model(tiny_config):
-    """make_model(seed=0, **MppFlux kwargs) → (model in eval mode, untouched copy of the plain backbone)."""
+    """make_model(seed=0, **HeadsConfig fields) → (model in eval mode, untouched copy of the plain backbone)."""
 
     def make(seed: int = 0, **kwargs):
         torch.manual_seed(seed)
         backbone = build_backbone(config=tiny_config)
         plain = build_backbone(config=tiny_config)
         plain.load_state_dict(backbone.state_dict())
-        opts = {**DIMS, "lora_rank": LORA_RANK, **kwargs}
-        return MppFlux(backbone, **opts).eval(), plain.eval()
+        heads = HeadsConfig(**{"lora_rank": LORA_RANK, **kwargs})
+        return MppFlux(backbone, **DIMS, heads=heads).eval(), plain.eval()
 
     return make
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
-from nn_helpers import make_inputs, random_boxes, randomize
 
 from mpp.nn.assemble_attn import (
     assemble_double,
@@ -19,6 +18,7 @@ from mpp.nn.assemble_attn import (
     spread_instances,
 )
 from mpp.nn.lora import base_linear
+from tests.helpers import make_inputs, random_boxes, randomize
 
 GH, GW = 6, 8  # token grid
 S = GH * GW

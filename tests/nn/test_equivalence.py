@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpp.nn import MppFlux, build_backbone
-
-from nn_helpers import DIMS, make_inputs, plain_forward, randomize
+from mpp.nn import HeadsConfig, MppFlux, build_backbone
+from tests.helpers import DIMS, make_inputs, plain_forward, randomize
 
 ATOL = RTOL = 1e-5
 
@@ -68,9 +67,9 @@ def test_build_backbone_from_saved_folder(tmp_path, tiny_config):
     loaded = build_backbone(str(tmp_path))  # default subfolder="transformer"
     direct = build_backbone(tmp_path / "transformer", subfolder=None)
     for bb in (loaded, direct):
-        for (n1, p1), (n2, p2) in zip(source.state_dict().items(), bb.state_dict().items()):
+        for (n1, p1), (n2, p2) in zip(source.state_dict().items(), bb.state_dict().items(), strict=True):
             assert n1 == n2 and torch.equal(p1, p2)
-    model = MppFlux(loaded, **DIMS, lora_rank=4).eval()
+    model = MppFlux(loaded, **DIMS, heads=HeadsConfig(lora_rank=4)).eval()
     inputs = make_inputs(seed=5, n=2)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).velocity, plain_forward(source, inputs), atol=ATOL, rtol=RTOL)
@@ -109,7 +108,8 @@ def test_instance_alpha_equals_the_forwards_alpha_without_a_backbone_pass(make_m
         alpha = model.instance_alpha(inputs["boxes"], inputs["instance_mask"], inputs["clip_embeds"],
                                      inputs["dino_embeds"], inputs["instance_text"])
     torch.testing.assert_close(alpha, out.alpha)
-    torch.testing.assert_close(torch.sigmoid(out.alpha_logit)[inputs["instance_mask"]], out.alpha[inputs["instance_mask"]])
+    valid = inputs["instance_mask"]
+    torch.testing.assert_close(torch.sigmoid(out.alpha_logit)[valid], out.alpha[valid])
 
 
 def test_has_reference_marks_missing_and_dropped_references(make_model):

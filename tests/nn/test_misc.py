@@ -5,22 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FluxPipeline
-from nn_helpers import DIMS
 
-from mpp.nn import MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
+from mpp.nn import HeadsConfig, MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
 from mpp.nn.lora import base_linear, lora_delta
+from tests.helpers import DIMS
 
 
 def test_lora_scope_validation_names_the_argument(tiny_config):
     with pytest.raises(ValueError, match="lora_scope"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, lora_scope="everywhere")
+        MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(lora_scope="everywhere"))
     with pytest.raises(ValueError, match="lora_scope"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, lora_scope="layout", use_layout_head=False)
+        MppFlux(build_backbone(config=tiny_config), **DIMS,
+                heads=HeadsConfig(lora_scope="layout", use_layout_head=False))
 
 
 def test_layout_block_validation(tiny_config):
     with pytest.raises(ValueError, match="layout_double_blocks"):
-        MppFlux(build_backbone(config=tiny_config), **DIMS, layout_double_blocks=[0, 9])
+        MppFlux(build_backbone(config=tiny_config), **DIMS, heads=HeadsConfig(layout_double_blocks=[0, 9]))
 
 
 def test_packing_matches_diffusers():
@@ -53,7 +54,7 @@ def test_scope_layout_only_adapts_layout_blocks(make_model):
 
 
 def test_no_layout_head_variant_runs(make_model):
-    from nn_helpers import make_inputs
+    from tests.helpers import make_inputs
 
     model, _ = make_model(use_layout_head=False, lora_scope="all")
     assert model.parameter_groups()["layout"] == []
@@ -62,10 +63,11 @@ def test_no_layout_head_variant_runs(make_model):
 
 
 def test_bf16_backbone_with_fp32_heads(tiny_config):
-    from nn_helpers import make_inputs, randomize
+    from tests.helpers import make_inputs, randomize
 
     torch.manual_seed(0)
-    model = MppFlux(build_backbone(config=tiny_config, torch_dtype=torch.bfloat16), **DIMS, lora_rank=4)
+    backbone = build_backbone(config=tiny_config, torch_dtype=torch.bfloat16)
+    model = MppFlux(backbone, **DIMS, heads=HeadsConfig(lora_rank=4))
     randomize(model)
     assert all(p.dtype == torch.float32 for p in model.parameter_groups()["lora"])
     out = model(**make_inputs(n=3))
@@ -75,7 +77,7 @@ def test_bf16_backbone_with_fp32_heads(tiny_config):
 
 
 def test_instance_rope_changes_only_what_the_layout_branch_does(make_model):
-    from nn_helpers import make_inputs, randomize
+    from tests.helpers import make_inputs, randomize
 
     inputs = make_inputs(n=2)
     outs = {}

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from nn_helpers import make_inputs, plain_forward, randomize
 
 import mpp.nn.model as model_mod
 from mpp.nn.blocks import double_block_forward, single_block_forward
 from mpp.nn.packing import box_token_mask
+from tests.helpers import make_inputs, plain_forward, randomize
 
 B, L, S = 2, 5, 12
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nn_helpers import make_inputs, randomize
 
 from mpp.nn import GROUPS, STAGE_GROUPS, set_trainable
+from tests.helpers import make_inputs, randomize
 
 STAGES = [
     (1, {"alpha", "instance_encoder", "layout", "lora"}),

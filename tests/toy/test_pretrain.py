@@ -11,17 +11,17 @@ def _copy(bundle, dst):
     return dst
 
 
-def test_pretrain_lowers_loss_deterministic_and_loads(toy_bundle, tmp_path):
+def test_pretrain_lowers_loss_deterministic_and_loads(toy_models, tmp_path):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
     from mpp.encoders import Encoders
-    from mpp.prepare import toy_encoder_settings
+    from mpp.toy.bundle import toy_encoder_settings
     from mpp.toy.pretrain import encode_toy_scenes, pretrain_toy_backbone, toy_flow_loss
 
     world = ToyWorld(seed=0)
     kwargs = dict(world=world, steps=30, batch_size=8, lr=1e-3, seed=0, num_scenes=64, log_every=0)
-    runs = [_copy(toy_bundle, tmp_path / name) for name in ("a", "b")]
+    runs = [_copy(toy_models, tmp_path / name) for name in ("a", "b")]
     results = [pretrain_toy_backbone(r, **kwargs) for r in runs]
     res = results[0]
     assert res["steps"] == 30 and res["seconds"] > 0
@@ -31,19 +31,19 @@ def test_pretrain_lowers_loss_deterministic_and_loads(toy_bundle, tmp_path):
     weights = [load_file(str(r / "transformer" / "diffusion_pytorch_model.safetensors")) for r in runs]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    original = load_file(str(toy_bundle / "transformer" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(toy_models / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(original[k], weights[0][k]) for k in original)
     assert not [p for p in runs[0].iterdir() if p.name.startswith(".")]  # no temp folders left
     assert json.loads((runs[0] / "transformer" / "config.json").read_text())["num_layers"] == 4
 
     # an independent held-out batch: the reloaded pretrained model beats the random init on it
-    encoders = Encoders(toy_encoder_settings(str(toy_bundle)))
+    encoders = Encoders(toy_encoder_settings(str(toy_models)))
     batch = encode_toy_scenes(encoders, world, range(40_000_000, 40_000_016))
     g = torch.Generator().manual_seed(123)
     noise = torch.randn(batch.latents.shape, generator=g)
     t = torch.full((len(batch),), 0.5)
     with torch.no_grad():
-        random_init = FluxTransformer2DModel.from_pretrained(toy_bundle / "transformer").eval()
+        random_init = FluxTransformer2DModel.from_pretrained(toy_models / "transformer").eval()
         trained = FluxTransformer2DModel.from_pretrained(runs[0] / "transformer").eval()
         before = toy_flow_loss(random_init, batch, noise, t).item()
         after = toy_flow_loss(trained, batch, noise, t).item()

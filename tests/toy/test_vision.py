@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from mpp.evaluate import color_mask
 from mpp.toy.codec import PatchCodec
 from mpp.toy.judge import judge_instances, load_or_train_judge
-from mpp.toy.scenes import IDENTITY_COLORS, ToyWorld, all_identities, color_mask, identity_from_name
+from mpp.toy.scenes import IDENTITY_COLORS, ToyWorld, all_identities, identity_from_name
 from mpp.toy.vision import identity_labels, pretrain_vision_encoders, render_crops
 
 
@@ -18,19 +19,19 @@ def test_crops_show_the_labelled_character():
     assert identity_from_name("pink_dotted_hexagon") == next(i for i in identities if i.name == "pink_dotted_hexagon")
     images, labels = render_crops(identities, 40, np.random.default_rng(0))
     colors = list(IDENTITY_COLORS.values())
-    for image, (c, _, _) in zip(images, labels.tolist()):
+    for image, (c, _, _) in zip(images, labels.tolist(), strict=True):
         # the labelled colour covers a good part of the crop (the shape is at least 55 % of each side)
         assert color_mask(image, colors[c], tol=1).mean() > 0.15
 
 
 @pytest.fixture(scope="module")
-def codec(toy_bundle):
-    return PatchCodec.from_pretrained(toy_bundle / "vae")
+def codec(toy_models):
+    return PatchCodec.from_pretrained(toy_models / "vae")
 
 
-def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_bundle, codec, tmp_path):
+def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_models, codec, tmp_path):
     models = tmp_path / "models"
-    shutil.copytree(toy_bundle, models)
+    shutil.copytree(toy_models, models)
     result = pretrain_vision_encoders(models, codec=codec, steps=150, batch_size=64, pool_size=1024)
     for kind in ("dino", "clip"):
         assert result[kind]["after"] > result[kind]["before"] + 0.05, result
@@ -39,7 +40,7 @@ def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_bundle, c
     from transformers import Dinov2Model
 
     trained = Dinov2Model.from_pretrained(models / "dino")
-    original = Dinov2Model.from_pretrained(toy_bundle / "dino")
+    original = Dinov2Model.from_pretrained(toy_models / "dino")
     assert not torch.equal(trained.embeddings.cls_token, original.embeddings.cls_token)
 
 

@@ -1,0 +1,163 @@
+"""The layouts JSONL that generation reads and the report it writes, with their readers.
+
+Each JSONL line: {"id": "shot_12"?, "prompt": "...", "instances": [{"bbox": [x0, y0, x1, y1],
+"caption": "...", "reference": "refs/actor.png"?}]}. Boxes whose values all lie in [0, 1] are
+normalized; otherwise they are pixels of the generated image (data.resolution square). References
+are relative to the JSONL's folder. A line without an id is `line<N>` (N its 1-based number, five
+digits).
+
+A generation writes `<id>.png`, `<id>_boxes.png` (boxes coloured by the predicted α) and
+`generated.json`: the checkpoint, the layouts file, one record per image and the layouts file's
+bad lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from mpp.data.raw import read_image, to_tensor
+from mpp.encoders import Encoders, crop_boxes
+from mpp.viz import draw_boxes
+
+REPORT_NAME = "generated.json"
+
+
+@dataclass
+class Layout:
+    id: str
+    prompt: str
+    boxes: Tensor  # N×4 normalized xyxy
+    captions: list[str]
+    references: list[Tensor | None]  # 3×h×w in [-1, 1]
+
+
+def _layout_id(data: dict, number: int) -> str:
+    return str(data.get("id", f"line{number:05d}"))
+
+
+def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout:
+    data = json.loads(line)
+    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+        raise ValueError("needs a string field 'prompt'")
+    instances = data.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise ValueError("needs a non-empty list 'instances' of boxes")
+    boxes, captions, refs = [], [], []
+    for k, inst in enumerate(instances):
+        bbox = inst.get("bbox") if isinstance(inst, dict) else None
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"instance {k} needs a 'bbox' of 4 numbers, got {bbox!r}")
+        box = [float(v) for v in bbox]
+        if any(v > 1 for v in box):
+            box = [v / resolution for v in box]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"instance {k} bbox {bbox} has zero area")
+        if min(box) < 0 or max(box) > 1:
+            raise ValueError(f"instance {k} bbox {bbox} lies outside the {resolution}×{resolution} image")
+        ref = inst.get("reference")
+        if ref is not None:
+            path = os.path.join(root, ref)
+            if not os.path.exists(path):
+                raise ValueError(f"instance {k} reference {path} does not exist")
+            ref = to_tensor(read_image(path, str(number)))
+        boxes.append(box)
+        captions.append(str(inst.get("caption", "")))
+        refs.append(ref)
+    return Layout(id=_layout_id(data, number), prompt=data["prompt"], boxes=torch.tensor(boxes),
+                  captions=captions, references=refs)
+
+
+def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]]:
+    """Parses a layouts JSONL; returns the good layouts and one message per bad line ("FILE:N: ...").
+    Reference paths are relative to the JSONL's folder."""
+    layouts, errors = [], []
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                layouts.append(_parse_line(line, number, resolution=resolution, root=root))
+            except (ValueError, json.JSONDecodeError) as e:
+                errors.append(f"{path}:{number}: {e}")
+    return layouts, errors
+
+
+@torch.no_grad()
+def encode_layout(encoders: Encoders, layout: Layout) -> dict:
+    """The conditioning of one layout as a batch of one. An instance without a reference gets zero
+    image embeddings: the model's learned null embedding stands in for them."""
+    prompt, pooled = encoders.encode_prompts([layout.prompt])
+    n = len(layout.captions)
+    dims = (encoders.clip_vision.config.projection_dim, encoders.dino.config.hidden_size)
+    clip = torch.zeros(n, dims[0], device=encoders.device)
+    dino = torch.zeros(n, dims[1], device=encoders.device)
+    size = max(encoders.clip_size, encoders.dino_size)
+    full = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    for k, ref in enumerate(layout.references):
+        if ref is not None:
+            crop = crop_boxes(ref[None], full, size=size)[0]
+            clip[k] = encoders.clip_image_embeds(crop)[0].float()
+            dino[k] = encoders.dino_embeds(crop)[0].float()
+    dev = encoders.device
+    return {
+        "ids": [layout.id], "prompt_embeds": prompt.float(), "pooled_prompt_embeds": pooled.float(),
+        "boxes": layout.boxes[None].to(dev), "instance_mask": torch.ones(1, n, dtype=torch.bool, device=dev),
+        "instance_text": encoders.encode_texts_pooled(layout.captions)[None].float(),
+        "clip_embeds": clip[None], "dino_embeds": dino[None],
+    }
+
+
+def save_generated(pixels: np.ndarray, alpha: Tensor, layout: Layout, seed: int, out_dir: str) -> dict:
+    """Writes `<id>.png` and `<id>_boxes.png` (boxes coloured by α) to `out_dir`; returns the record
+    that the report lists."""
+    os.makedirs(out_dir, exist_ok=True)
+    boxes = layout.boxes.cpu()
+    Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.id}.png"))
+    Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.id}_boxes.png"))
+    return {"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": boxes.tolist(),
+            "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
+            "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"}
+
+
+def write_report(out_dir: str, records: list[dict], *, checkpoint: str, layouts: str,
+                 errors: list[str] | None = None) -> None:
+    """Writes `<out_dir>/generated.json`: the checkpoint, the layouts file, one record per image and the
+    layouts file's bad lines."""
+    report = {"checkpoint": checkpoint, "layouts": layouts, "images": records, "errors": errors or []}
+    with open(os.path.join(out_dir, REPORT_NAME), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def load_generated(generated_dir: str, layouts_path: str):
+    """Reads a generation's report, its images and the layouts they came from (boxes normalized as in
+    generation). Returns (images: id → H×W×3 uint8, layouts: id → {"instances": [...]},
+    references: reference path → H×W×3 uint8)."""
+    with open(os.path.join(generated_dir, REPORT_NAME)) as f:
+        report = json.load(f)
+    raw = {}
+    root = os.path.dirname(os.path.abspath(layouts_path))
+    with open(layouts_path) as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                data = json.loads(line)
+                raw[_layout_id(data, number)] = data
+    images, layouts, references = {}, {}, {}
+    for record in report["images"]:
+        image = np.asarray(Image.open(os.path.join(generated_dir, record["image"])).convert("RGB"))
+        images[record["id"]] = image
+        insts = raw[record["id"]]["instances"]
+        boxes = record["boxes"]
+        layouts[record["id"]] = {"instances": [{**inst, "bbox": box} for inst, box in zip(insts, boxes, strict=True)]}
+        for inst in insts:
+            ref = inst.get("reference")
+            if ref and ref not in references:
+                references[ref] = np.asarray(Image.open(os.path.join(root, ref)).convert("RGB"))
+    return images, layouts, references

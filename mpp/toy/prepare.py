@@ -1,0 +1,98 @@
+"""The toy world's dataset: its models built (cached), its scenes written as a raw dataset and
+prepared beside them. `ToyData` is what the DataModule's `data.toy` option holds.
+
+    mpp toy prepare OUT --models_dir .cache/toy/models --num_samples 512
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+from mpp.data.layout import atomic_write_json, read_prepare_info
+from mpp.encoders import EncoderSettings
+from mpp.prepare import PrepareResult, prepare_dataset
+
+from .bundle import toy_encoder_settings
+from .models import build_toy_models
+from .pretrain import DEFAULT_PRETRAIN_STEPS
+from .scenes import ToyWorld
+from .vision import VISION_PRETRAIN_STEPS
+
+log = logging.getLogger(__name__)
+
+
+def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
+                pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, vision_steps: int = 0, num_identities: int = 8,
+                encoders: EncoderSettings | None = None, num_shards: int = 1,
+                shard_index: int = 0, progress: bool = True) -> PrepareResult:
+    """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
+    `pretrain_steps`, the vision encoders to see identity for `vision_steps`) and a toy dataset of a
+    world with `num_identities` characters: raw scenes under output/source, prepared beside them."""
+    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities)
+    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
+    source = os.path.join(output, "source")
+    marker = os.path.join(source, "toy.json")
+    wanted = {"num_samples": num_samples, "seed": seed, "image_size": image_size}
+    if num_identities != 8:
+        wanted["num_identities"] = num_identities
+    if os.path.exists(marker):
+        with open(marker) as f:
+            existing = json.load(f)
+        if existing != wanted:
+            raise ValueError(f"{marker}: toy data was written with {existing}, asked for {wanted}; use another "
+                             "output folder")
+    else:
+        shutil.rmtree(source, ignore_errors=True)
+        world.write_raw(source, num_samples)
+        atomic_write_json(marker, wanted)
+    encoders = encoders or toy_encoder_settings(models_dir)
+    existing = read_prepare_info(output)
+    if existing is not None and existing.get("encoders") != encoders.identity():
+        # the toy encoders were rebuilt (a new bundle format, another codec fit): the tensors are stale
+        log.warning("%s: toy data was prepared with other toy models; preparing it again", output)
+        for name in os.listdir(output):
+            if name != "source":
+                path = os.path.join(output, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return prepare_dataset(source, output, encoders=encoders,
+                           resolution=image_size, num_shards=num_shards, shard_index=shard_index,
+                           progress=progress)
+
+
+@dataclass
+class ToyData:
+    """Build the toy world's models and dataset when the data folder does not hold them yet.
+
+    Args:
+        models_dir: where the toy encoders and backbone are cached.
+        num_samples: scenes to generate.
+        seed: world seed (same seed, same dataset bit for bit).
+        image_size: side of the square toy images.
+        pretrain_steps: text-to-image pretraining of the toy backbone (it stands in for FLUX's
+            pretraining; 0 leaves it random).
+        vision_steps: pretraining of the toy CLIP vision and DINOv2 encoders to see identity
+            (they stand in for the real ones; 0 leaves them random).
+        num_identities: the world's characters (colour × shape × texture combinations; enough of
+            them that each attribute is seen in many combinations, so a reference can teach an
+            unseen one).
+    """
+
+    models_dir: str = ".cache/toy/models"
+    num_samples: int = 512
+    seed: int = 0
+    image_size: int = 128
+    pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
+    vision_steps: int = VISION_PRETRAIN_STEPS
+    num_identities: int = 32
+
+    def prepare(self, root: str, encoders: EncoderSettings) -> None:
+        """Builds (or completes) the toy dataset in `root`, encoded with `encoders`."""
+        result = prepare_toy(root, models_dir=self.models_dir, num_samples=self.num_samples, seed=self.seed,
+                             image_size=self.image_size, pretrain_steps=self.pretrain_steps,
+                             vision_steps=self.vision_steps, num_identities=self.num_identities, encoders=encoders)
+        if result.errors:
+            raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")

@@ -1,0 +1,32 @@
+"""The toy dataset: `mpp toy prepare` and `ToyData` (the DataModule's data.toy)."""
+
+import json
+import shutil
+
+import pytest
+
+from mpp.data.layout import read_manifest
+from mpp.toy.__main__ import main
+from mpp.toy.bundle import toy_encoder_settings
+from mpp.toy.codec import PatchCodec
+from mpp.toy.prepare import prepare_toy
+
+
+def test_toy_data_is_prepared_again_when_its_models_change(toy_models, tmp_path):
+    models, data = tmp_path / "models", tmp_path / "data"
+    shutil.copytree(toy_models, models)
+    prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
+    before = {r["id"]: r for r in read_manifest(str(data / "manifest.jsonl"))}
+    codec = PatchCodec.from_pretrained(models, subfolder="vae")
+    codec.channel_std.mul_(2.0)
+    codec.save_pretrained(models / "vae")
+    result = prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
+    assert sorted(result.written) == sorted(before)  # every sample encoded again, none kept
+    info = json.loads((data / "prepare.json").read_text())
+    assert info["encoders"] == toy_encoder_settings(str(models)).identity()
+
+
+def test_prepare_is_a_toy_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--help"])
+    assert e.value.code == 0 and "--models_dir" in capsys.readouterr().out
