@@ -1,35 +1,83 @@
-"""The LightningCLI of mpp: stage configs decide everything, checkpoints carry only state."""
+"""The LightningCLI of mpp: configs/base.yaml under every stage config, run folders named by the
+stage, checkpoints that carry only state."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
 
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from mpp.callbacks import ExportSafetensors, ImageLogger, LayoutWriter, PreemptionCheckpoint, Throughput
 from mpp.checkpoints import load_checkpoint
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 
 log = logging.getLogger(__name__)
 
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.yaml")
+RUNS = "runs"
+# mpp's callbacks with settings worth tuning, each under its own key of the config
+CALLBACK_KEYS = {"checkpoint": ModelCheckpoint, "best_checkpoint": ModelCheckpoint, "images": ImageLogger,
+                 "throughput": Throughput}
+# where a callback whose dirpath is unset writes: runs/<folder>/stage{N}
+RUN_FOLDERS = {ModelCheckpoint: "checkpoints", PreemptionCheckpoint: "checkpoints", ExportSafetensors: "export",
+               LayoutWriter: "generated"}
+
+
+def run_folder(kind: str, stage: int) -> str:
+    return os.path.join(RUNS, kind, f"stage{stage}")
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _fill_run_folders(cfg: Namespace, stage: int) -> None:
+    """Sets each unset `dirpath` of a callback in RUN_FOLDERS to its folder of this stage."""
+    listed = cfg.trainer.get("callbacks") or []
+    specs = [(_class(c.class_path), c.get("init_args")) for c in (listed if isinstance(listed, list) else [listed])]
+    specs += [(cls, cfg.get(key)) for key, cls in CALLBACK_KEYS.items()]
+    for cls, args in specs:
+        kind = next((k for c, k in RUN_FOLDERS.items() if issubclass(cls, c)), None)
+        if kind is not None and args.get("dirpath") is None:
+            args.dirpath = run_folder(kind, stage)
+
 
 class MppCLI(LightningCLI):
-    """`fit --ckpt_path` with a checkpoint of the same stage resumes it exactly (same TensorBoard
-    folder); with one of the previous stage it loads the weights only and starts this stage fresh.
-    `predict` needs a `--ckpt_path` of the config's stage."""
+    """`configs/base.yaml` is read before any `--config`. `fit --ckpt_path` with a checkpoint of the
+    same stage resumes it exactly (same TensorBoard folder); with one of the previous stage it loads
+    the weights only and starts this stage fresh. `predict` needs a `--ckpt_path` of the config's
+    stage."""
+
+    def __init__(self, *args, parser_kwargs: dict | None = None, run: bool = True, **kwargs):
+        if not os.path.isfile(BASE_CONFIG):
+            raise FileNotFoundError(f"{BASE_CONFIG} is missing: mpp reads its shared settings from there "
+                                    "(install the repository with `pip install -e .`)")
+        base = {"default_config_files": [BASE_CONFIG]}
+        defaults = {name: dict(base) for name in self.subcommands()} if run else base
+        super().__init__(*args, parser_kwargs={**defaults, **(parser_kwargs or {})}, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.encoders", "model.encoders")
+        for key, cls in CALLBACK_KEYS.items():
+            parser.add_lightning_class_args(cls, key)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would re-apply a checkpoint's hyperparameters over the config; in mpp the
         config of the stage being run is the only source of hyperparameters."""
 
+    def _config(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
     def _ckpt_info(self) -> tuple[str | None, dict | None]:
-        cfg = self.config.get(self.config.subcommand) if self.config.get("subcommand") else self.config
-        path = cfg.get("ckpt_path") if cfg is not None else None
+        path = self._config().get("ckpt_path")
         if not path:
             return None, None
         if not os.path.isfile(path):
@@ -40,20 +88,21 @@ class MppCLI(LightningCLI):
         return path, info
 
     def before_instantiate_classes(self) -> None:
-        if self.config.get("subcommand") == "predict":
+        subcommand = self.config.get("subcommand")
+        cfg = self._config()
+        stage = cfg.model.stage
+        _fill_run_folders(cfg, stage)
+        if subcommand == "predict":
             path, info = self._ckpt_info()
-            stage = self.config.predict.model.stage
             if info is None:
                 raise ValueError("predict needs --ckpt_path: a checkpoint of the config's stage")
             if info["stage"] != stage:
                 raise ValueError(f"--ckpt_path {path} is a stage-{info['stage']} checkpoint; predict with "
                                  f"configs/stage{info['stage']}.yaml")
-            if self.config.predict.return_predictions is None:
-                self.config.predict.return_predictions = False  # LayoutWriter saves each image as it comes
-        if self.config.get("subcommand") != "fit":
+            if cfg.return_predictions is None:
+                cfg.return_predictions = False  # LayoutWriter saves each image as it comes
+        if subcommand != "fit":
             return
-        cfg = self.config.fit
-        stage = cfg.model.stage
         path, info = self._ckpt_info()
         if info is not None and info["stage"] not in (stage, stage - 1):
             raise ValueError(f"--ckpt_path {path} is a stage-{info['stage']} checkpoint; stage {stage} "

@@ -16,10 +16,10 @@ class ExportSafetensors(L.Callback):
     hands its shards to rank 0, which writes the files.
 
     Args:
-        dirpath: output folder.
+        dirpath: output folder (unset: runs/export/stage{N}, filled in by mpp's CLI).
     """
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
