@@ -6,13 +6,22 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import time
+import warnings
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from mpp.callbacks import ExportSafetensors, ImageLogger, LayoutWriter, PreemptionCheckpoint, Throughput
+from mpp.callbacks import (
+    ExportSafetensors,
+    ImageLogger,
+    LayoutWriter,
+    PreemptionCheckpoint,
+    StepProgressBar,
+    Throughput,
+)
 from mpp.checkpoints import load_checkpoint
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
@@ -27,6 +36,16 @@ CALLBACK_KEYS = {"checkpoint": ModelCheckpoint, "best_checkpoint": ModelCheckpoi
 # where a callback whose dirpath is unset writes: runs/<folder>/stage{N}
 RUN_FOLDERS = {ModelCheckpoint: "checkpoints", PreemptionCheckpoint: "checkpoints", ExportSafetensors: "export",
                LayoutWriter: "generated"}
+
+
+def configure_logging() -> None:
+    """mpp's INFO lines (toy build, stage carry-over, export) on stderr, and Lightning's once: its
+    package logger prints them itself, and again through a root handler when it propagates."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mpp").setLevel(logging.INFO)
+    logging.getLogger("lightning").propagate = False
+    # the frozen backbone and encoders are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def run_folder(kind: str, stage: int) -> str:
@@ -53,9 +72,10 @@ class MppCLI(LightningCLI):
     """`configs/base.yaml` is read before any `--config`. `fit --ckpt_path` with a checkpoint of the
     same stage resumes it exactly (same TensorBoard folder); with one of the previous stage it loads
     the weights only and starts this stage fresh. `predict` needs a `--ckpt_path` of the config's
-    stage."""
+    stage and logs nothing to TensorBoard."""
 
     def __init__(self, *args, parser_kwargs: dict | None = None, run: bool = True, **kwargs):
+        configure_logging()
         if not os.path.isfile(BASE_CONFIG):
             raise FileNotFoundError(f"{BASE_CONFIG} is missing: mpp reads its shared settings from there "
                                     "(install the repository with `pip install -e .`)")
@@ -67,6 +87,10 @@ class MppCLI(LightningCLI):
         parser.link_arguments("data.encoders", "model.encoders")
         for key, cls in CALLBACK_KEYS.items():
             parser.add_lightning_class_args(cls, key)
+
+    def parse_arguments(self, parser, args) -> None:
+        # Lightning warns when both `args` and sys.argv hold words; `mpp fit ...` passes the same words on
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would re-apply a checkpoint's hyperparameters over the config; in mpp the
@@ -101,25 +125,53 @@ class MppCLI(LightningCLI):
                                  f"configs/stage{info['stage']}.yaml")
             if cfg.return_predictions is None:
                 cfg.return_predictions = False  # LayoutWriter saves each image as it comes
-        if subcommand != "fit":
+            cfg.trainer.logger = False  # nothing to plot: the images and generated.json are the record
+            self.save_config_callback = None  # it would write config.yaml to the working directory
+            return
+        if subcommand is None:
             return
         path, info = self._ckpt_info()
-        if info is not None and info["stage"] not in (stage, stage - 1):
+        if subcommand == "fit" and info is not None and info["stage"] not in (stage, stage - 1):
             raise ValueError(f"--ckpt_path {path} is a stage-{info['stage']} checkpoint; stage {stage} "
                              f"resumes from stage {stage} or starts from stage {stage - 1}")
         logger = cfg.trainer.get("logger")
         if logger and not isinstance(logger, (bool, list)) and "version" in logger.get("init_args", {}) \
                 and logger.init_args.version is None:
-            resumed = info.get("log_version") if info is not None and info["stage"] == stage else None
-            # runs/logs/stage{N}_<timestamp>; the same folder again when resuming
-            logger.init_args.version = resumed or f"stage{stage}_{time.strftime('%Y%m%d-%H%M%S')}"
+            if subcommand == "fit":  # runs/logs/stage{N}_<timestamp>; the same folder again when resuming
+                resumed = info.get("log_version") if info is not None and info["stage"] == stage else None
+                logger.init_args.version = resumed or f"stage{stage}_{time.strftime('%Y%m%d-%H%M%S')}"
+            else:
+                logger.init_args.version = f"stage{stage}_{subcommand}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self._get(self.config_init, "trainer", default={})
+        listed = trainer.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in listed):
+            kwargs.setdefault("callbacks", [*listed, StepProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         path, info = self._ckpt_info()
         if info is not None and info["stage"] == self.model.stage - 1:
-            log.info("stage %d starts from the weights of stage-%d checkpoint %s", self.model.stage, info["stage"], path)
+            log.info("stage %d starts from the weights of stage-%d checkpoint %s", self.model.stage, info["stage"],
+                     path)
             self.model.init_from = path
             self.config_init["fit"]["ckpt_path"] = None
+
+    def fit(self, **kwargs) -> None:
+        """`trainer.fit`; a run that fails before its first optimizer step leaves no log folder behind."""
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        fresh = log_dir is not None and not os.path.exists(log_dir)
+        checkpoints = self.trainer.checkpoint_callback
+        log.info("stage %d: TensorBoard in %s, checkpoints in %s", self.model.stage,
+                 log_dir and os.path.abspath(log_dir), checkpoints and checkpoints.dirpath)
+        try:
+            self.trainer.fit(**kwargs)
+        except BaseException:
+            if fresh and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
 
 def main(args: list[str] | None = None) -> MppCLI:

@@ -67,7 +67,9 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     # `main.py predict` runs the same generation through Lightning: the same images, the same report
     predict = ["predict", *[x for c in configs for x in ("--config", c)], *overrides, f"--ckpt_path={ckpt}",
                "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2", "--model.sampling.seed=0"]
+    logs = os.listdir(tmp_path / "runs/logs")
     assert cli_main(predict).config.predict.return_predictions is False  # images go to disk, not memory
+    assert os.listdir(tmp_path / "runs/logs") == logs and not os.path.exists(tmp_path / "config.yaml")
     predicted = json.load(open(tmp_path / "runs/generated/stage1/generated.json"))
     assert predicted["images"] == report["images"]
     assert predicted["errors"] == report["errors"] and predicted["checkpoint"] == str(ckpt)

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -150,14 +151,17 @@ def test_exact_resume(tmp_path, monkeypatch, toy_models, toy_prepared, stop_at):
     assert len(glob.glob(str(tmp_path / "half/runs/logs/*"))) == 1
 
 
-def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeypatch, toy_models, toy_prepared):
+def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeypatch, toy_models, toy_prepared, caplog):
     prev_ckpt, prev_state = None, None
     for stage in (1, 2, 3):
         (tmp_path / f"s{stage}").mkdir()
         monkeypatch.chdir(tmp_path / f"s{stage}")
         extra = [f"--ckpt_path={prev_ckpt}"] if prev_ckpt else []
+        caplog.clear()
         # the identity term draws its own low t: stages 2-3 compute it at every step
         cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2", *extra))
+        carried = [r.getMessage() for r in caplog.records if r.name.startswith("mpp.") and r.levelno == logging.INFO]
+        assert any(f"stage {stage} starts from the weights of stage-{stage - 1}" in m for m in carried) == (stage > 1)
         model = cli.model
         groups = model.model.parameter_groups()
         expected = {id(p) for g in STAGE_GROUPS[stage] for p in groups[g]}
@@ -207,12 +211,15 @@ def test_preemption_saves_a_checkpoint_and_stops(in_tmp, toy_models, toy_prepare
     assert ckpt["global_step"] == step
 
 
-def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
+def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared, caplog):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
     cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2"))
     export = in_tmp / "runs/export/stage1"
+    said = [r.getMessage() for r in caplog.records if r.name == "mpp.callbacks.export" and r.levelno == logging.INFO]
+    assert said == ["exporting the stage-1 weights to runs/export/stage1",
+                    "exported config.json, heads.safetensors, lora.safetensors to runs/export/stage1"]
     fresh = FluxTransformer2DModel.from_pretrained(toy_models, subfolder="transformer")
     fresh.load_lora_adapter(str(export / "lora.safetensors"), prefix="transformer", adapter_name="mpp")
     ours = cli.model.model.lora_state_dict()

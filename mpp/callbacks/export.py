@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 from dataclasses import asdict
 
@@ -6,6 +7,8 @@ import lightning as L
 from safetensors.torch import save_file
 
 from mpp.nn.lora import ADAPTER_NAME
+
+log = logging.getLogger(__name__)
 
 
 class ExportSafetensors(L.Callback):
@@ -23,9 +26,12 @@ class ExportSafetensors(L.Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("exporting the stage-%d weights to %s", pl_module.stage, self.dirpath)
         state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
         if trainer.is_global_zero:
             export(pl_module, self.dirpath, state)
+            log.info("exported %s to %s", ", ".join(sorted(os.listdir(self.dirpath))), self.dirpath)
 
 
 def export(pl_module, dirpath: str, state: dict) -> None:
