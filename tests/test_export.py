@@ -1,5 +1,7 @@
 """The export: diffusers loads its LoRA, and `load_exported` rebuilds the trained model without Lightning."""
 
+import logging
+
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
@@ -9,10 +11,12 @@ from mpp.export import load_exported
 from tests.helpers import fit_args, toy_conditioning
 
 
-def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared):
-    cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2",
-                        overlays=("tests/conf/fast.yaml", "tests/conf/export.yaml")))
+def test_export_loads_with_diffusers(in_tmp, toy_models, toy_prepared, caplog):
+    cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2"))
     export = in_tmp / "runs/export/stage1"
+    said = [r.getMessage() for r in caplog.records if r.name == "mpp.callbacks.export" and r.levelno == logging.INFO]
+    assert said == ["exporting the stage-1 weights to runs/export/stage1",
+                    "exported config.json, heads.safetensors, lora.safetensors to runs/export/stage1"]
     fresh = FluxTransformer2DModel.from_pretrained(toy_models, subfolder="transformer")
     fresh.load_lora_adapter(str(export / "lora.safetensors"), prefix="transformer", adapter_name="mpp")
     ours = cli.model.model.lora_state_dict()

@@ -1,6 +1,7 @@
 """The `mpp generate` command and `main.py predict`: the same images and report from a checkpoint."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -42,15 +43,16 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
 
     # `main.py predict` runs the same generation through Lightning: the same images, the same report
     predict = ["predict", *[x for c in configs for x in ("--config", c)], *overrides, f"--ckpt_path={ckpt}",
-               "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2", "--model.sampling.seed=0",
-               "--trainer.callbacks+=mpp.callbacks.LayoutWriter",
-               f"--trainer.callbacks.dirpath={tmp_path / 'predicted'}"]
+               "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2", "--model.sampling.seed=0"]
+    logs = os.listdir(tmp_path / "runs/logs")
     assert cli_main(predict).config.predict.return_predictions is False  # images go to disk, not memory
-    predicted = json.load(open(tmp_path / "predicted/generated.json"))
+    assert os.listdir(tmp_path / "runs/logs") == logs and not os.path.exists(tmp_path / "config.yaml")
+    predicted = json.load(open(tmp_path / "runs/generated/stage1/generated.json"))
     assert predicted["images"] == report["images"]
     assert predicted["errors"] == report["errors"] and predicted["checkpoint"] == str(ckpt)
     for name in ("shot1.png", "shot1_boxes.png", "shot5.png", "shot5_boxes.png"):
-        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "predicted" / name)))
+        assert np.array_equal(np.asarray(Image.open(out / name)),
+                              np.asarray(Image.open(tmp_path / "runs/generated/stage1" / name)))
     no_ckpt = [a for a in predict if not a.startswith("--ckpt_path")]
     with pytest.raises(ValueError, match="--ckpt_path"):
         cli_main(no_ckpt)

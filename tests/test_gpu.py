@@ -47,10 +47,8 @@ def test_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, monkeypatch, toy_
     from lightning.pytorch.strategies import FSDPStrategy
     from safetensors.torch import load_file
 
-    first, resumed = _checkpoint_then_resume(
-        tmp_path, monkeypatch, toy_models, toy_prepared,
-        "--trainer.callbacks+=mpp.callbacks.ExportSafetensors", "--trainer.callbacks.dirpath=runs/export",
-        overlays=("configs/strategy/fsdp.yaml", "tests/conf/fast.yaml"))
+    first, resumed = _checkpoint_then_resume(tmp_path, monkeypatch, toy_models, toy_prepared,
+                                             overlays=("configs/strategy/fsdp.yaml", "tests/conf/fast.yaml"))
     assert isinstance(resumed.trainer.strategy, FSDPStrategy)
     a = torch.load(tmp_path / "runs/checkpoints/stage1/step=0000003.ckpt", weights_only=False, map_location="cpu")
     b = torch.load(tmp_path / "runs/checkpoints/stage1/step=0000005.ckpt", weights_only=False, map_location="cpu")
@@ -58,8 +56,8 @@ def test_fsdp_trains_checkpoints_resumes_and_exports(tmp_path, monkeypatch, toy_
     assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # it trained on
     # the export holds the final weights, gathered from FSDP's flat parameters
     final = b["state_dict"]
-    lora = load_file(tmp_path / "runs/export/lora.safetensors")
-    heads = load_file(tmp_path / "runs/export/heads.safetensors")
+    lora = load_file(tmp_path / "runs/export/stage1/lora.safetensors")
+    heads = load_file(tmp_path / "runs/export/stage1/heads.safetensors")
     expected_lora = {"transformer." + k.removeprefix("model.backbone.").replace(".mpp", ""): v
                      for k, v in final.items() if ".lora_" in k}
     expected_heads = {k.removeprefix("model."): v for k, v in final.items() if ".lora_" not in k}
@@ -80,8 +78,7 @@ def test_predict_on_gpu(tmp_path, monkeypatch, toy_models, toy_prepared, toy_wor
              for i, s in enumerate(toy_world.scene(k) for k in (3, 4))]
     (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     main(["predict", *args[1:], "--ckpt_path=runs/checkpoints/stage1/step=0000001.ckpt",
-          "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2",
-          "--trainer.callbacks+=mpp.callbacks.LayoutWriter", "--trainer.callbacks.dirpath=out"])
-    report = json.load(open(tmp_path / "out/generated.json"))
+          "--data.predict_file=layouts.jsonl", "--model.sampling.steps=2"])
+    report = json.load(open(tmp_path / "runs/generated/stage1/generated.json"))
     assert [r["id"] for r in report["images"]] == ["s0", "s1"] and not report["errors"]
-    assert Image.open(tmp_path / "out/s0_boxes.png").size == (128, 128)
+    assert Image.open(tmp_path / "runs/generated/stage1/s0_boxes.png").size == (128, 128)

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -13,7 +14,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mpp.cli import MppCLI, main
+from mpp.callbacks import ExportSafetensors
+from mpp.cli import BASE_CONFIG, MppCLI, main
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.nn.model import STAGE_GROUPS
@@ -42,7 +44,7 @@ def test_every_config_parses_and_instantiates(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     shipped = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-    assert len(shipped) == 5
+    assert len(shipped) == 6 and BASE_CONFIG in shipped
     for path in shipped:
         if path.endswith("fsdp.yaml"):  # Lightning's Trainer refuses FSDP without a GPU: build the strategy alone
             strategy = _strategy_from(path)
@@ -50,20 +52,27 @@ def test_every_config_parses_and_instantiates(tmp_path, monkeypatch):
             assert {c.__name__ for c in strategy.kwargs["auto_wrap_policy"]._module_classes} == {
                 "FluxTransformerBlock", "FluxSingleTransformerBlock"}
             continue
-        stage1 = os.path.join(ROOT, "configs/stage1.yaml")
-        configs = [path] if os.path.basename(path).startswith("stage") else [stage1, path]
-        cli = MppCLI(MppModule, MppDataModule, run=False,
-                     args=[a for c in configs for a in ("--config", c)])
+        if path == BASE_CONFIG:  # read under every run, alone too
+            configs = []
+        elif os.path.basename(path).startswith("stage"):
+            configs = [path]
+        else:
+            configs = [os.path.join(ROOT, "configs/stage1.yaml"), path]
+        cli = MppCLI(MppModule, MppDataModule, run=False, args=[a for c in configs for a in ("--config", c)])
         assert isinstance(cli.model, MppModule) and isinstance(cli.datamodule, MppDataModule)
+        exports = [c for c in cli.trainer.callbacks if isinstance(c, ExportSafetensors)]
+        assert [c.dirpath for c in exports] == [f"runs/export/stage{cli.model.stage}"]
         if path.endswith("toy.yaml"):
             assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
-        else:
+            continue
+        assert isinstance(cli.trainer.strategy, DDPStrategy)
+        assert cli.datamodule.batch_size == 2 and cli.trainer.accumulate_grad_batches == 4
+        if path != BASE_CONFIG:
             stage = int(re.search(r"stage(\d)", path).group(1))
-            assert cli.model.stage == stage and isinstance(cli.trainer.strategy, DDPStrategy)
+            assert cli.model.stage == stage
             assert cli.trainer.max_steps == {1: 70_000, 2: 150_000, 3: 10_000}[stage]
             assert cli.model.hparams.lr == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
             assert cli.model.loss_cfg.dino_identity_weight == {1: 0, 2: 10, 3: 10}[stage]
-            assert cli.datamodule.batch_size == 2 and cli.trainer.accumulate_grad_batches == 4
 
 
 def test_fit_logs_scalars_and_images_and_checkpoints_only_mpp_weights(in_tmp, toy_models, toy_prepared):
@@ -120,14 +129,17 @@ def test_exact_resume(tmp_path, monkeypatch, toy_models, toy_prepared, stop_at):
     assert len(glob.glob(str(tmp_path / "half/runs/logs/*"))) == 1
 
 
-def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeypatch, toy_models, toy_prepared):
+def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeypatch, toy_models, toy_prepared, caplog):
     prev_ckpt, prev_state = None, None
     for stage in (1, 2, 3):
         (tmp_path / f"s{stage}").mkdir()
         monkeypatch.chdir(tmp_path / f"s{stage}")
         extra = [f"--ckpt_path={prev_ckpt}"] if prev_ckpt else []
+        caplog.clear()
         # the identity term draws its own low t: stages 2-3 compute it at every step
         cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2", *extra))
+        carried = [r.getMessage() for r in caplog.records if r.name.startswith("mpp.") and r.levelno == logging.INFO]
+        assert any(f"stage {stage} starts from the weights of stage-{stage - 1}" in m for m in carried) == (stage > 1)
         model = cli.model
         groups = model.model.parameter_groups()
         expected = {id(p) for g in STAGE_GROUPS[stage] for p in groups[g]}
@@ -151,7 +163,7 @@ def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeyp
             acc = scalars(log_dir)
             steps = [e.step for e in acc.Scalars("loss/flow_matching")]
             assert [e.step for e in acc.Scalars("loss/dino_identity")] == steps  # no step without identity signal
-        prev_ckpt = str(tmp_path / f"s{stage}/runs/checkpoints/stage1/step=0000002.ckpt")
+        prev_ckpt = str(tmp_path / f"s{stage}/runs/checkpoints/stage{stage}/step=0000002.ckpt")
         prev_state = {k: v for k, v in state.items() if k in torch.load(prev_ckpt, weights_only=False)["state_dict"]}
 
 

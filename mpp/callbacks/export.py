@@ -1,6 +1,11 @@
+import logging
+import os
+
 import lightning as L
 
 from mpp.export import ExportConfig, write_export
+
+log = logging.getLogger(__name__)
 
 
 class ExportSafetensors(L.Callback):
@@ -10,13 +15,15 @@ class ExportSafetensors(L.Callback):
     so under FSDP every rank hands its shards to rank 0, which writes the files.
 
     Args:
-        dirpath: output folder.
+        dirpath: output folder (unset: runs/export/stage{N}, filled in by mpp's CLI).
     """
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("exporting the stage-%d weights to %s", pl_module.stage, self.dirpath)
         state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
         if not trainer.is_global_zero:
             return
@@ -26,3 +33,4 @@ class ExportSafetensors(L.Callback):
                               encoders=pl_module.encoder_settings, guidance=hp.guidance, sampling=pl_module.sampling)
         weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
         write_export(self.dirpath, weights, config)
+        log.info("exported %s to %s", ", ".join(sorted(os.listdir(self.dirpath))), self.dirpath)

@@ -10,10 +10,10 @@ class LayoutWriter(BasePredictionWriter):
     to `dirpath`.
 
     Args:
-        dirpath: output folder.
+        dirpath: output folder (unset: runs/generated/stage{N}, filled in by mpp's CLI).
     """
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str | None = None):
         super().__init__(write_interval="batch")
         self.dirpath = dirpath
         self.records: list[dict] = []

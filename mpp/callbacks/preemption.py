@@ -16,10 +16,10 @@ class PreemptionCheckpoint(L.Callback):
       stops cleanly. Under SLURM with auto-requeue, Lightning's own SIGUSR1 handling is left in place.
 
     Args:
-        dirpath: folder of the checkpoint.
+        dirpath: folder of the checkpoint (unset: runs/checkpoints/stage{N}, filled in by mpp's CLI).
     """
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
         self._notice = False
         self._last_step = -1

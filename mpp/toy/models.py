@@ -19,9 +19,11 @@ encoders mpp uses, every part loadable with the real ``from_pretrained``::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,8 @@ from .codec import PatchCodec
 from .pretrain import pretrain_toy_backbone
 from .scenes import ToyWorld
 from .vision import pretrain_vision_encoders
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "build_toy_models",
@@ -335,6 +339,9 @@ def build_toy_models(
 
     from transformers.utils import logging as hf_logging
 
+    log.info("building the toy models in %s, once: encoders and codec, then %d vision and %d backbone "
+             "pretraining steps", cache_dir, vision_steps, pretrain_steps)
+    start = time.perf_counter()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     bars = hf_logging.is_progress_bar_enabled()
@@ -358,6 +365,7 @@ def build_toy_models(
             # lost a race against another builder that renamed its bundle in between
             if _read_marker(cache_dir) != marker:
                 raise
+        log.info("toy models ready in %s (%.0fs)", cache_dir, time.perf_counter() - start)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
