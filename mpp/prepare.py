@@ -32,6 +32,7 @@ from mpp.data.layout import (
     read_manifest,
     read_prepare_info,
     record_is_complete,
+    same_info_value,
     sample_path,
     shard_manifest_name,
     write_manifest,
@@ -129,7 +130,7 @@ def _claim_prepare_info(output: str, info: dict) -> None:
     existing = read_prepare_info(output)
     if existing is None:
         atomic_write_json(os.path.join(output, "prepare.json"), info)
-    elif existing != info:
+    elif set(existing) != set(info) or not all(same_info_value(k, existing[k], v) for k, v in info.items()):
         raise ValueError(
             f"{os.path.join(output, 'prepare.json')} holds a dataset prepared with other settings:\n"
             f"  existing: {json.dumps(existing, sort_keys=True)}\n  requested: {json.dumps(info, sort_keys=True)}\n"

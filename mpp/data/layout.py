@@ -100,12 +100,28 @@ def read_prepare_info(root: str) -> dict | None:
         return json.load(f)
 
 
+def portable_identity(identity: dict) -> dict:
+    """`EncoderSettings.identity()` without the paths of the local folders it fingerprints: two copies of
+    the same encoders in different folders are the same encoders (a moved dataset stays valid)."""
+    fingerprints = identity.get("fingerprints", {})
+    local = {key.split("/")[0] for key in fingerprints}
+    return {k: ("<local folder>" if k in local else v) for k, v in identity.items()}
+
+
+def same_info_value(key: str, a, b) -> bool:
+    """Whether two prepare.json values agree; encoders by their weights' fingerprints and settings,
+    not by where their folders are."""
+    if key == "encoders" and isinstance(a, dict) and isinstance(b, dict):
+        return portable_identity(a) == portable_identity(b)
+    return a == b
+
+
 def check_prepare_info(root: str, expected: dict) -> None:
     """Refuses a dataset prepared with other encoder settings or resolution than `expected`."""
     info = read_prepare_info(root)
     if info is None:
         raise ValueError(f"{root}: no prepare.json; prepare the dataset with `python -m mpp.prepare` first")
-    differing = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+    differing = {k: (info.get(k), v) for k, v in expected.items() if not same_info_value(k, info.get(k), v)}
     if differing:
         lines = "\n".join(f"  {k}: dataset has {a!r}, config asks for {b!r}" for k, (a, b) in differing.items())
         raise ValueError(f"{os.path.join(root, 'prepare.json')} was prepared with other settings than the "

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from mpp.data.layout import atomic_write_json, read_prepare_info
+from mpp.data.layout import atomic_write_json, read_prepare_info, same_info_value
 from mpp.encoders import EncoderSettings
 from mpp.prepare import PrepareResult, prepare_dataset
 
@@ -51,7 +51,7 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
         atomic_write_json(marker, wanted)
     encoders = encoders or toy_encoder_settings(models_dir)
     existing = read_prepare_info(output)
-    if existing is not None and existing.get("encoders") != encoders.identity():
+    if existing is not None and not same_info_value("encoders", existing.get("encoders"), encoders.identity()):
         # the toy encoders were rebuilt (a new bundle format, another codec fit): the tensors are stale
         log.warning("%s: toy data was prepared with other toy models; preparing it again", output)
         for name in os.listdir(output):

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from mpp.data.layout import read_manifest
+from mpp.datamodule import MppDataModule
 from mpp.toy.__main__ import main
 from mpp.toy.bundle import toy_encoder_settings
 from mpp.toy.codec import PatchCodec
@@ -30,3 +31,18 @@ def test_prepare_is_a_toy_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["prepare", "--help"])
     assert e.value.code == 0 and "--models_dir" in capsys.readouterr().out
+
+
+def test_a_moved_copy_of_models_and_data_is_the_same_dataset(toy_models, tmp_path, caplog):
+    models, data = tmp_path / "a/models", tmp_path / "a/data"
+    shutil.copytree(toy_models, models)
+    prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False)
+    manifest = (data / "manifest.jsonl").read_bytes()
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the whole project folder moved elsewhere
+    moved_models, moved_data = tmp_path / "b/models", tmp_path / "b/data"
+    result = prepare_toy(str(moved_data), models_dir=str(moved_models), num_samples=4, pretrain_steps=0,
+                         progress=False)
+    assert result.written == [] and (moved_data / "manifest.jsonl").read_bytes() == manifest
+    assert "preparing it again" not in caplog.text
+    settings = toy_encoder_settings(str(moved_models))
+    MppDataModule(root=str(moved_data), encoders=settings, resolution=128, val_fraction=0.25).setup("fit")
