@@ -1,8 +1,16 @@
 """The export format: what training leaves for use without Lightning, written and read here.
 
-An export folder holds `lora.safetensors` (the LoRA in diffusers' format, loadable by
-`FluxPipeline.load_lora_weights`; absent without LoRA), `heads.safetensors` (mpp's heads) and
-`config.json` (an `ExportConfig`: what it takes to rebuild the model and sample as training did).
+An export folder holds the LoRA (absent without one), `heads.safetensors` (mpp's heads) and
+`config.json` (an `ExportConfig`: what it takes to rebuild the model and sample as training did, its
+local paths absolute, so it reads the same from any working directory).
+
+The LoRA is in diffusers' format with its rank and alpha in the file's adapter metadata, under a name
+that says where it acts:
+- `lora.safetensors` (`heads.lora_scope: all`): it adapts the backbone everywhere, so it is also a
+  plain FLUX LoRA (`FluxPipeline.load_lora_weights`), though only mpp's heads give it the layout;
+- `lora_layout_branch.safetensors` (`heads.lora_scope: layout`): it was trained only inside mpp's
+  Assemble-Attn branch, and a plain pipeline would apply it to every token of those blocks, which
+  it never learned; only `load_exported` uses it as trained.
 """
 
 from __future__ import annotations
@@ -19,7 +27,12 @@ from mpp.nn import HeadsConfig, MppFlux, build_backbone
 from mpp.nn.lora import ADAPTER_NAME
 from mpp.sampling import SamplingConfig
 
-LORA_NAME, HEADS_NAME, CONFIG_NAME = "lora.safetensors", "heads.safetensors", "config.json"
+LORA_NAMES = {"all": "lora.safetensors", "layout": "lora_layout_branch.safetensors"}
+HEADS_NAME, CONFIG_NAME = "heads.safetensors", "config.json"
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path is not None and os.path.isdir(path) else path
 
 
 @dataclass
@@ -41,9 +54,11 @@ class ExportConfig:
                       "sampling": SamplingConfig(**d["sampling"])})
 
 
-def write_export(dirpath: str, weights: dict[str, Tensor], config: ExportConfig) -> None:
+def write_export(dirpath: str, weights: dict[str, Tensor], config: ExportConfig,
+                 lora_metadata: dict | None = None) -> None:
     """Writes an export of the mpp weights `weights` (MppFlux's state-dict names: heads and LoRA, no
-    frozen backbone weight) and `config` to `dirpath`."""
+    frozen backbone weight) and `config` to `dirpath`; `lora_metadata` (`mpp.nn.lora.lora_metadata`)
+    goes into the LoRA file for loaders to rebuild the adapter with its trained alpha."""
     # imported here: FluxPipeline loads transformers' image processors, which cost seconds (and a warning
     # without torchvision) that every other use of this module would pay
     from diffusers import FluxPipeline
@@ -53,11 +68,17 @@ def write_export(dirpath: str, weights: dict[str, Tensor], config: ExportConfig)
     lora = {k.removeprefix("backbone.").replace(f".{ADAPTER_NAME}.", "."): v.detach().cpu().contiguous()
             for k, v in sorted(weights.items()) if ".lora_" in k}
     if lora:
-        FluxPipeline.save_lora_weights(dirpath, transformer_lora_layers=lora, weight_name=LORA_NAME)
+        FluxPipeline.save_lora_weights(dirpath, transformer_lora_layers=lora,
+                                       weight_name=LORA_NAMES[config.heads.lora_scope],
+                                       transformer_lora_adapter_metadata=lora_metadata)
     heads = {k: v.detach().cpu().contiguous() for k, v in sorted(weights.items()) if ".lora_" not in k}
     save_file(heads, os.path.join(dirpath, HEADS_NAME), metadata={"stage": str(config.stage)})
+    portable = asdict(config)
+    portable["backbone"] = _absolute(config.backbone)
+    for key in ("flux", "clip_vision", "dino"):
+        portable["encoders"][key] = _absolute(portable["encoders"][key])
     with open(os.path.join(dirpath, CONFIG_NAME), "w") as f:
-        json.dump(asdict(config), f, indent=1)
+        json.dump(portable, f, indent=1)
 
 
 def load_exported(export_dir: str, *, backbone: str | None = None, device: str = "cpu") -> tuple[MppFlux, ExportConfig]:
@@ -78,7 +99,7 @@ def load_exported(export_dir: str, *, backbone: str | None = None, device: str =
     if missing:
         raise ValueError(f"{export_dir}/{HEADS_NAME} lacks {len(missing)} weights, e.g. {missing[:5]}")
     model.load_state_dict(heads, strict=False)
-    lora_path = os.path.join(export_dir, LORA_NAME)
+    lora_path = os.path.join(export_dir, LORA_NAMES[cfg.heads.lora_scope])
     if os.path.exists(lora_path):
         from peft import set_peft_model_state_dict
 

@@ -4,6 +4,7 @@ import os
 import lightning as L
 
 from mpp.export import ExportConfig, write_export
+from mpp.nn.lora import lora_metadata
 
 log = logging.getLogger(__name__)
 
@@ -32,5 +33,5 @@ class ExportSafetensors(L.Callback):
                               backbone_dtype=hp.backbone_dtype, heads=pl_module.heads,
                               encoders=pl_module.encoder_settings, guidance=hp.guidance, sampling=pl_module.sampling)
         weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
-        write_export(self.dirpath, weights, config)
+        write_export(self.dirpath, weights, config, lora_metadata(pl_module.model.backbone))
         log.info("exported %s to %s", ", ".join(sorted(os.listdir(self.dirpath))), self.dirpath)

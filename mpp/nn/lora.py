@@ -95,3 +95,12 @@ def lora_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(backbone, adapter_name=ADAPTER_NAME)
+
+
+def lora_metadata(backbone: nn.Module) -> dict | None:
+    """The adapter's shape as diffusers records it beside LoRA weights (rank, alpha, target modules),
+    so a loader rebuilds it with the trained scale alpha / r; None without an adapter."""
+    config = getattr(backbone, "peft_config", {}).get(ADAPTER_NAME)
+    if config is None:
+        return None
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
