@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mpp.nn.backbone import explain_missing
+
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -142,9 +144,13 @@ def embedding_dims(settings: EncoderSettings) -> dict[str, int]:
     """Widths of the stored embeddings, read from the encoders' configs without loading weights."""
     from transformers import AutoConfig
 
-    clip = AutoConfig.from_pretrained(settings.clip_vision, revision=settings.revision)
-    dino = AutoConfig.from_pretrained(settings.dino, revision=settings.revision)
-    text = AutoConfig.from_pretrained(settings.flux, subfolder="text_encoder", revision=settings.revision)
+    with explain_missing("data.encoders.clip_vision", settings.clip_vision, "the CLIP vision encoder's config",
+                         also=(ValueError,)):  # AutoConfig: a folder without config.json
+        clip = AutoConfig.from_pretrained(settings.clip_vision, revision=settings.revision)
+    with explain_missing("data.encoders.dino", settings.dino, "the DINOv2 config", also=(ValueError,)):
+        dino = AutoConfig.from_pretrained(settings.dino, revision=settings.revision)
+    with explain_missing("data.encoders.flux", settings.flux, "FLUX's text_encoder/config.json", also=(ValueError,)):
+        text = AutoConfig.from_pretrained(settings.flux, subfolder="text_encoder", revision=settings.revision)
     return {"clip_dim": clip.projection_dim, "dino_dim": dino.hidden_size, "text_dim": text.hidden_size}
 
 
@@ -196,10 +202,12 @@ class Encoders:
         cfg = _read_json(s.flux, "config.json", subfolder="vae", revision=s.revision) or {}
         if cfg.get(VAE_CLASS_PATH):
             cls = _import_class(cfg[VAE_CLASS_PATH], f"{s.flux}/vae/config.json {VAE_CLASS_PATH}")
-            return self._ready(cls.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
+            with explain_missing("data.encoders.flux", s.flux, "the VAE (vae/)"):
+                return self._ready(cls.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
         from diffusers import AutoencoderKL
 
-        return self._ready(AutoencoderKL.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
+        with explain_missing("data.encoders.flux", s.flux, "the VAE (vae/)"):
+            return self._ready(AutoencoderKL.from_pretrained(s.flux, subfolder="vae", revision=s.revision))
 
     @property
     def vae_scale(self) -> tuple[float, float]:
@@ -235,28 +243,33 @@ class Encoders:
     def clip_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.settings.flux, subfolder="tokenizer", revision=self.settings.revision)
+        with explain_missing("data.encoders.flux", self.settings.flux, "the CLIP tokenizer (tokenizer/)"):
+            return AutoTokenizer.from_pretrained(self.settings.flux, subfolder="tokenizer",
+                                                 revision=self.settings.revision)
 
     @cached_property
     def t5_tokenizer(self):
         from transformers import AutoTokenizer
 
         s = self.settings
-        return AutoTokenizer.from_pretrained(s.flux, subfolder="tokenizer_2", revision=s.revision)
+        with explain_missing("data.encoders.flux", s.flux, "the T5 tokenizer (tokenizer_2/)"):
+            return AutoTokenizer.from_pretrained(s.flux, subfolder="tokenizer_2", revision=s.revision)
 
     @cached_property
     def clip_text(self) -> torch.nn.Module:
         from transformers import CLIPTextModel
 
         s = self.settings
-        return self._ready(CLIPTextModel.from_pretrained(s.flux, subfolder="text_encoder", revision=s.revision))
+        with explain_missing("data.encoders.flux", s.flux, "the CLIP text encoder (text_encoder/)"):
+            return self._ready(CLIPTextModel.from_pretrained(s.flux, subfolder="text_encoder", revision=s.revision))
 
     @cached_property
     def t5(self) -> torch.nn.Module:
         from transformers import T5EncoderModel
 
         s = self.settings
-        return self._ready(T5EncoderModel.from_pretrained(s.flux, subfolder="text_encoder_2", revision=s.revision))
+        with explain_missing("data.encoders.flux", s.flux, "the T5 encoder (text_encoder_2/)"):
+            return self._ready(T5EncoderModel.from_pretrained(s.flux, subfolder="text_encoder_2", revision=s.revision))
 
     @torch.no_grad()
     def encode_texts_pooled(self, texts: list[str]) -> Tensor:
@@ -281,13 +294,15 @@ class Encoders:
         from transformers import CLIPVisionModelWithProjection
 
         s = self.settings
-        return self._ready(CLIPVisionModelWithProjection.from_pretrained(s.clip_vision, revision=s.revision))
+        with explain_missing("data.encoders.clip_vision", s.clip_vision, "the CLIP vision encoder"):
+            return self._ready(CLIPVisionModelWithProjection.from_pretrained(s.clip_vision, revision=s.revision))
 
     @cached_property
     def dino(self) -> torch.nn.Module:
         from transformers import Dinov2Model
 
-        return self._ready(Dinov2Model.from_pretrained(self.settings.dino, revision=self.settings.revision))
+        with explain_missing("data.encoders.dino", self.settings.dino, "DINOv2"):
+            return self._ready(Dinov2Model.from_pretrained(self.settings.dino, revision=self.settings.revision))
 
     @cached_property
     def _clip_norm(self):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from mpp.encoders import VAE_CLASS_PATH, EncoderSettings, Encoders, crop_boxes
+from mpp.encoders import VAE_CLASS_PATH, EncoderSettings, Encoders, crop_boxes, embedding_dims
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,12 @@ def test_crop_boxes_takes_the_box_with_margin():
     torch.testing.assert_close(crop, torch.ones(1, 1, 3, 4, 4))
     with_margin = crop_boxes(img, box, size=6, margin=0.5)  # x0 → 0.25: the left third is outside
     assert with_margin[0, 0, 0, :, 0].max() < 0.5 and with_margin[0, 0, 0, 3, -1] == 1.0
+
+
+def test_missing_encoders_name_their_flag(toy_settings, tmp_path):
+    (tmp_path / "empty").mkdir()
+    settings = EncoderSettings(**{**toy_settings.to_dict(), "dino": str(tmp_path / "empty")})
+    with pytest.raises(ValueError, match="data.encoders.dino: cannot load DINOv2"):
+        _ = Encoders(settings).dino
+    with pytest.raises(ValueError, match="data.encoders.dino: cannot load the DINOv2 config"):
+        embedding_dims(settings)

@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from diffusers import FluxTransformer2DModel
+from huggingface_hub.errors import HFValidationError
 from torch import Tensor
 
 from .config import DEFAULT_GUIDANCE
 from .packing import image_ids, pack_latents, text_ids, unpack_latents
+
+
+@contextmanager
+def explain_missing(flag: str, path: str, what: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turns a failed `from_pretrained` of `path` (set by `flag`) into a ValueError that says what is
+    missing and how to provide it, instead of the loader's traceback; `also`: further exception types
+    that mean "not there" for this loader."""
+    try:
+        yield
+    except (OSError, HFValidationError, *also) as e:
+        local = os.path.isdir(path)
+        where = (f"the local folder {path!r} does not hold it" if local else
+                 f"{path!r} is not a local folder, and the Hugging Face hub could not provide it (offline, "
+                 "not logged in, licence not accepted, or no such repository)")
+        raise ValueError(
+            f"{flag}: cannot load {what} from {path!r}: {where}.\n"
+            f"  the loader said: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"
+            "  to fix it, either download it once (`huggingface-cli login`, accept the model's licence on "
+            f"its hub page, then `huggingface-cli download {path}`; HF_HUB_OFFLINE=1 then uses the cache), "
+            f"or pass a local copy: --{flag}=/path/to/folder"
+        ) from e
 
 
 def build_backbone(
@@ -41,7 +65,9 @@ def build_backbone(
         and os.path.isfile(os.path.join(path, "config.json"))
     ):
         subfolder = None
-    return FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+    what = "the FLUX transformer" + (f" ({subfolder}/config.json and its weights)" if subfolder else "")
+    with explain_missing("model.backbone", path, what):
+        return FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
 
 
 def flux_velocity(transformer: FluxTransformer2DModel, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor,

@@ -89,3 +89,15 @@ def test_instance_rope_changes_only_what_the_layout_branch_does(make_model):
             outs[flag, "trained"] = model(**inputs).velocity
     assert torch.equal(outs[False, "zero"], outs[True, "zero"])
     assert not torch.allclose(outs[False, "trained"], outs[True, "trained"], atol=1e-4)
+
+
+def test_a_missing_backbone_says_what_is_missing_and_how_to_provide_it(tmp_path):
+    (tmp_path / "flux").mkdir()  # a local folder without the transformer in it
+    with pytest.raises(ValueError, match="model.backbone") as e:
+        build_backbone(str(tmp_path / "flux"))
+    message = str(e.value)
+    assert "does not hold it" in message and "--model.backbone=/path/to/folder" in message
+    assert len(message.splitlines()) == 3
+    with pytest.raises(ValueError, match="not a local folder") as e:
+        build_backbone("not a/valid hub id")
+    assert "huggingface-cli download" in str(e.value)
