@@ -6,6 +6,8 @@
     mpp evaluate --generated generated/ --layouts layouts.jsonl
     mpp toy models .cache/toy/models
     mpp toy prepare .cache/toy/data --models_dir .cache/toy/models             # the toy dataset
+    mpp checkpoints latest runs/checkpoints/stage1                      # the newest loadable checkpoint
+    mpp params                                                          # trainable parameters per head
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__"}
+TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__",
+         "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params"}
 TRAINING = ("fit", "validate", "test", "predict")
 
 
@@ -21,7 +24,8 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in TOOLS:
-        return importlib.import_module(TOOLS[command]).main(argv[1:])
+        result = importlib.import_module(TOOLS[command]).main(argv[1:])
+        return result if isinstance(result, int) else 0
     if command in TRAINING:
         importlib.import_module("mpp.cli").main(argv)
         return 0

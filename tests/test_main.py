@@ -5,14 +5,16 @@ import pytest
 from mpp.__main__ import main
 
 
-@pytest.mark.parametrize("tool", ["prepare", "generate", "evaluate", "toy", "fit"])
+@pytest.mark.parametrize("tool", ["prepare", "generate", "evaluate", "toy", "fit", "validate", "predict",
+                                  "params"])
 def test_each_command_reaches_its_tool(tool, capsys):
     with pytest.raises(SystemExit) as e:
         main([tool, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert {"prepare": "run", "generate": "--layouts", "evaluate": "--generated", "toy": "models",
-            "fit": "--trainer"}[tool] in out
+            "fit": "--trainer", "validate": "--ckpt_path", "predict": "--ckpt_path", "checkpoints": "latest",
+            "params": "--"}[tool] in out
 
 
 def test_unknown_command_prints_usage(capsys):

@@ -67,8 +67,8 @@ def build_flux_dev(device: str | torch.device = "meta", heads: HeadsConfig | Non
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--lora-rank", type=int, default=128)
-    parser.add_argument("--lora-scope", default="layout", choices=["layout", "all"])
+    parser.add_argument("--lora_rank", type=int, default=128)
+    parser.add_argument("--lora_scope", default="layout", choices=["layout", "all"])
     args = parser.parse_args(argv)
     model = build_flux_dev(heads=HeadsConfig(lora_rank=args.lora_rank, lora_scope=args.lora_scope))
     report = parameter_report(model)
