@@ -39,7 +39,10 @@ CONFIGS = [os.path.join(ROOT, "configs/stage1.yaml"), os.path.join(ROOT, "config
 # the LoRA on every block. With the 64-wide toy backbone, both arms with the LoRA on every block
 # measured 0.340 vs 0.125 (15 minutes each), against 0.364 vs 0.128 with these arms.
 COMMON = ["--model.lr=1e-3"]
-ARMS = {"layout": [], "text_only": ["--model.heads.use_layout_head=false", "--model.heads.lora_scope=all"]}
+ARMS = {"layout": [], "text_only": ["--model.heads.use_layout_head=false", "--model.heads.lora_scope=all"],
+        # not run by default: the layout arm with the instance token at its box centre's RoPE position
+        "layout_rope": ["--model.heads.instance_rope=true"]}
+DEFAULT_ARMS = ("layout", "text_only")
 
 
 def write_layouts(path: str, *, seed: int, count: int, identity_seed: int = 0, image_size: int = 128,
@@ -115,7 +118,7 @@ def main() -> None:
     p.add_argument("--identity_seed", type=int, default=0,
                    help="whose characters the held-out scenes show (0: the training world's)")
     p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
-    p.add_argument("--arms", default=",".join(ARMS), help="which arms to run, comma-separated")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"which of {list(ARMS)} to run, comma-separated")
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_quality"))
     p.add_argument("--models", default=os.path.join(ROOT, ".cache/toy/models"), help="toy model bundle")
     p.add_argument("--threads", type=int, default=2,
