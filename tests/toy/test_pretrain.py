@@ -78,10 +78,9 @@ def test_build_with_pretraining_marks_and_rebuilds(tmp_path, monkeypatch):
 
 
 def test_cli_pretrain_steps(tmp_path, monkeypatch):
-    import mpp.toy.models as models
-    from mpp.toy.__main__ import main
+    import mpp.toy.__main__ as toy_main
 
     seen = {}
-    monkeypatch.setattr(models, "build_toy_models", lambda path, **kw: seen.update(kw) or path)
-    main(["models", str(tmp_path / "m"), "--pretrain-steps", "3"])
+    monkeypatch.setattr(toy_main, "build_toy_models", lambda path, **kw: seen.update(kw) or path)
+    toy_main.main(["models", str(tmp_path / "m"), "--pretrain-steps", "3"])
     assert seen["pretrain_steps"] == 3
