@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from mpp.callbacks import CheckpointHousekeeping, FinalCheckpoint, NonFiniteGuard
 from mpp.data.dataset import CONDITIONING
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
@@ -103,6 +104,8 @@ class MppModule(L.LightningModule):
         warmup_steps: linear warm-up in optimizer steps, then constant.
         seed: seeds the noise and timesteps, together with the step and the rank.
         sampling: Euler sampling of logged images.
+        max_skipped_steps: optimizer steps with a non-finite loss or gradient that are skipped before
+            the run stops (`mpp.callbacks.NonFiniteGuard`); 0 stops at the first.
     """
 
     def __init__(
@@ -121,10 +124,13 @@ class MppModule(L.LightningModule):
         warmup_steps: int = 0,
         seed: int = 0,
         sampling: Sampling | None = None,
+        max_skipped_steps: int = 0,
     ):
         super().__init__()
         if stage not in STAGE_GROUPS:
             raise ValueError(f"model.stage must be one of {sorted(STAGE_GROUPS)}, got {stage}")
+        if max_skipped_steps < 0:
+            raise ValueError(f"model.max_skipped_steps must be >= 0, got {max_skipped_steps}")
         self.save_hyperparameters()
         self.stage = stage
         self.encoder_settings = encoders or EncoderSettings()
@@ -195,8 +201,9 @@ class MppModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         owned = self.owned_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in owned}
+        # "keys": what this checkpoint must hold to be loadable (mpp.checkpoints.is_loadable)
         checkpoint["mpp"] = {"stage": self.stage, "micro_step": self.micro_step,
-                             "log_version": getattr(self.logger, "version", None)}
+                             "log_version": getattr(self.logger, "version", None), "keys": sorted(owned)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage = checkpoint["mpp"]["stage"]
@@ -282,6 +289,10 @@ class MppModule(L.LightningModule):
         t = sample_timesteps(x0.shape[0], generator=g, sampler=cfg.timestep_sampler, mean=cfg.logit_mean,
                              std=cfg.logit_std, shift=cfg.shift).to(x0)
         return noise, t
+
+    def configure_callbacks(self):
+        """The reliability callbacks every run has, whatever its config lists (docs/reliability.md)."""
+        return [NonFiniteGuard(self.hparams.max_skipped_steps), CheckpointHousekeeping(), FinalCheckpoint()]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         step = self.micro_step

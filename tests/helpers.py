@@ -36,7 +36,8 @@ class Recorder(L.Callback):
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-                json.dump({"losses": self.losses, "ids": self.ids}, f)
+                json.dump({"losses": self.losses, "ids": self.ids, "steps": trainer.global_step,
+                           "bad": sorted(getattr(trainer.datamodule, "bad_records", {}))}, f)
 
 
 class SignalAt(L.Callback):
@@ -56,3 +57,19 @@ class RankRecorder(Recorder):
 
     def __init__(self):
         super().__init__(out_dir=os.environ["MPP_RECORD_DIR"])
+
+
+class PoisonGradient(L.Callback):
+    """Makes the gradients of training micro-batch number `batch` (1-based, counted in this run) NaN
+    after its backward, as an overflow would."""
+
+    def __init__(self, batch: int = 3):
+        self.batch, self.seen = batch, 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.seen += 1
+        if self.seen == self.batch:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    return

@@ -1,11 +1,16 @@
 import json
+import logging
 import os
 from dataclasses import asdict
 
 import lightning as L
 from safetensors.torch import save_file
 
+from mpp.callbacks.final import training_finished
+from mpp.checkpoints import NonFiniteError, nonfinite_tensors
 from mpp.nn.lora import ADAPTER_NAME
+
+log = logging.getLogger(__name__)
 
 
 class ExportSafetensors(L.Callback):
@@ -13,7 +18,8 @@ class ExportSafetensors(L.Callback):
     by `FluxPipeline.load_lora_weights`), the heads (`heads.safetensors`) and what it takes to
     rebuild the model without Lightning (`config.json`, read by `mpp.generate.load_exported`) to
     `dirpath`. The weights come from the strategy's full state dict, so under FSDP every rank
-    hands its shards to rank 0, which writes the files.
+    hands its shards to rank 0, which writes the files. A run that stopped before its end
+    (preemption) exports nothing: its stage is not final. Non-finite weights are never exported.
 
     Args:
         dirpath: output folder.
@@ -23,6 +29,10 @@ class ExportSafetensors(L.Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not training_finished(trainer):
+            log.warning("not exporting: training stopped at step %d before its end (max_steps=%d)",
+                        trainer.global_step, trainer.max_steps)
+            return
         state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
         if trainer.is_global_zero:
             export(pl_module, self.dirpath, state)
@@ -33,6 +43,9 @@ def export(pl_module, dirpath: str, state: dict) -> None:
     from diffusers import FluxPipeline
 
     owned = pl_module.owned_keys()
+    bad = list(nonfinite_tensors({k: state[k] for k in owned}))
+    if bad:
+        raise NonFiniteError(f"refusing to export to {dirpath}: {len(bad)} weights hold non-finite values, e.g. {bad[:5]}")
     os.makedirs(dirpath, exist_ok=True)
     # peft's saved names: relative to the transformer, without the adapter's name
     lora = {k.removeprefix("model.backbone.").replace(f".{ADAPTER_NAME}.", "."): state[k].detach().cpu().contiguous()
