@@ -294,16 +294,18 @@ class MppModule(L.LightningModule):
         """The reliability callbacks every run has, whatever its config lists (docs/reliability.md)."""
         return [NonFiniteGuard(self.hparams.max_skipped_steps), CheckpointHousekeeping(), FinalCheckpoint()]
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         step = self.micro_step
         self.micro_step += 1
-        if "latents" not in batch:  # every record of this batch failed validation
-            return None
         noise, t = self._noise_and_t(batch["latents"], self._generator(step, self.global_rank))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # modality dropout draws from here, per step
             torch.manual_seed(_seed(self.hparams.seed, step, self.global_rank, 1))
             logs = self._losses(batch, noise, t, prefix="", g=self._generator(step, self.global_rank, 2))
+        if batch.get("placeholder"):
+            # every record of this rank's batch failed validation (MppDataModule): the same computation
+            # on a stand-in, weighted zero, so this rank still takes part in the step's collectives
+            return logs["loss/total"] * 0.0
         self.log_dict(logs, prog_bar=False, batch_size=len(batch["ids"]))
         self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=len(batch["ids"]))
         return logs["loss/total"]

@@ -2,14 +2,20 @@
 resumable scripts, disk use, preemption. Training runs through the real CLI on the toy world."""
 
 import glob
+import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mpp.checkpoints import AtomicCheckpointIO, NonFiniteError, is_loadable, latest_checkpoint, load_checkpoint
 from mpp.cli import main
+from mpp.data.layout import sample_path
+from mpp.data.sampler import ResumableShardSampler
 from tests.test_training import ROOT, fit_args, in_tmp, recorder  # noqa: F401  (in_tmp is a fixture)
 
 
@@ -79,6 +85,49 @@ def test_non_finite_gradients_stop_the_run_or_skip_within_the_budget(in_tmp, toy
     assert all(_all_finite(p) for p in _ckpts(folder))
 
 
+def _ddp(in_tmp, toy_models, data, *extra):
+    out = in_tmp / "ranks"
+    args = fit_args(1, toy_models, data, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2",
+                    *extra, overlays=("tests/conf/fast.yaml", "tests/conf/ranks.yaml"))
+    env = {**os.environ, "MPP_RECORD_DIR": str(out), "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], env=env, timeout=600,
+                          capture_output=True, text=True)
+    return proc, out
+
+
+def _first_batch_of_rank(data, toy_settings, rank):
+    from mpp.datamodule import MppDataModule
+
+    dm = MppDataModule(data, encoders=toy_settings, resolution=128, batch_size=2, val_fraction=0.2, num_workers=0)
+    dm.setup("fit")
+    share = ResumableShardSampler(len(dm.train_records), rank=rank, num_replicas=2, seed=0).indices()
+    return [dm.train_records[i]["id"] for i in share[:2]]
+
+
+@pytest.mark.slow
+def test_an_all_bad_batch_on_one_rank_keeps_ddp_in_step(in_tmp, toy_models, toy_prepared, toy_settings):
+    """Rank 1's first batch loses both records: it takes part in the step with a zero-weighted stand-in,
+    both ranks finish the same steps, and both count the bad ids; past data.max_bad_records every
+    rank stops at the same batch (no hang)."""
+    data = in_tmp / "data"
+    shutil.copytree(toy_prepared, data)
+    bad = _first_batch_of_rank(str(data), toy_settings, rank=1)
+    for sid in bad:
+        os.unlink(sample_path(str(data), "dino", sid))
+    proc, out = _ddp(in_tmp, toy_models, str(data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.load(open(out / f"rank{r}.json")) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 2
+    assert len(r0["losses"]) == len(r1["losses"]) == 4
+    assert r1["losses"][0] == 0.0 and not set(bad) & set(r1["ids"]) and len(r1["ids"]) == 6
+    assert r0["bad"] == r1["bad"] == sorted(bad)  # counted on every rank
+    assert all(f"skipping bad record {sid}" in proc.stderr for sid in bad)
+
+    proc, _ = _ddp(in_tmp, toy_models, str(data), "--data.max_bad_records=1")
+    assert proc.returncode != 0
+    assert "exceed data.max_bad_records=1" in proc.stderr and all(sid in proc.stderr for sid in bad)
+
+
 def _names(folder):
     return sorted(os.listdir(folder))
 
@@ -100,3 +149,51 @@ def test_restarts_leave_no_temporaries_and_at_most_the_configured_checkpoints(in
                   overlays=keep))
     assert _names(folder) == ["final.ckpt", "step=0000006.ckpt", "step=0000007.ckpt"]
 
+
+def test_malformed_records_are_named_and_skipped(tmp_path, toy_prepared, toy_settings, caplog):
+    """Damage that used to crash collate or a worker, or trained silently: each record is named with
+    its reason and skipped; a duplicated manifest record trains once."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from mpp.data.layout import read_manifest, write_manifest
+    from mpp.datamodule import MppDataModule
+
+    root = tmp_path / "data"
+    shutil.copytree(toy_prepared, root)
+    dm = MppDataModule(str(root), encoders=toy_settings, resolution=128, batch_size=4, val_fraction=0.2, num_workers=0)
+    dm.setup("fit")
+    ids = [r["id"] for r in dm.train_records]
+
+    def rewrite(sid, kind, change):
+        path = sample_path(str(root), kind, sid)
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path)
+
+    rewrite(ids[0], "clip", lambda t: t.update(embeds=torch.zeros(t["embeds"].shape[0], 7, dtype=torch.float16)))
+    rewrite(ids[1], "text", lambda t: t.update(prompt_embeds=t["prompt_embeds"][:5].clone()))
+    rewrite(ids[2], "latents", lambda t: t.update(latents=t["latents"].long()))
+    with open(sample_path(str(root), "caption", ids[3]), "w") as f:
+        json.dump([{"bbox": [0, 0, 1, 1]}], f)
+    manifest = str(root / "manifest.jsonl")
+    records = read_manifest(manifest)
+    write_manifest(manifest, records + [r for r in records if r["id"] == ids[4]])
+
+    dm = MppDataModule(str(root), encoders=toy_settings, resolution=128, batch_size=1, val_fraction=0.2, num_workers=0,
+                       max_bad_records=10)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+        seen = []
+        for batch in dm.train_dataloader():
+            seen += dm.on_before_batch_transfer(batch, 0)["ids"]
+    assert sorted(dm.bad_records) == sorted(ids[:4])
+    assert "clip_embeds has shape" in dm.bad_records[ids[0]] and "N×32" in dm.bad_records[ids[0]]
+    assert "prompt_embeds has shape [5," in dm.bad_records[ids[1]] and "32×" in dm.bad_records[ids[1]]
+    assert "latents is torch.int64" in dm.bad_records[ids[2]]
+    assert "caption JSON must be an object" in dm.bad_records[ids[3]]
+    assert all(sid in caplog.text for sid in ids[:4])
+    assert "more than one record" in caplog.text and ids[4] in caplog.text
+    assert [r["id"] for r in dm.train_records] == ids  # one record per id, in place
+    assert sorted(seen) == sorted(ids[4:])  # an epoch: every good sample once
