@@ -115,7 +115,8 @@ def load_generated(generated_dir: str, layouts_path: str):
         for number, line in enumerate(f, start=1):
             if line.strip():
                 data = json.loads(line)
-                raw[str(data.get("id", f"line{number:05d}"))] = data
+                sid = str(data["id"]) if data.get("id") not in (None, "") else f"line{number:05d}"  # as generate reads it
+                raw.setdefault(sid, data)
     images, layouts, references = {}, {}, {}
     for record in report["images"]:
         image = np.asarray(Image.open(os.path.join(generated_dir, record["image"])).convert("RGB"))

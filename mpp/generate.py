@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from torch import Tensor
 from mpp.data.dataset import CONDITIONING
 from mpp.data.raw import read_image, to_tensor
 from mpp.encoders import EncoderSettings, Encoders, crop_boxes, embedding_dims, parse_dtype
+from mpp.filenames import is_safe_stem, safe_stem
 from mpp.flow import euler_sample
 from mpp.viz import draw_boxes, to_uint8
 
@@ -49,6 +51,10 @@ class Layout:
     boxes: Tensor  # N×4 normalized xyxy
     captions: list[str]
     references: list[Tensor | None]  # 3×h×w in [-1, 1]
+    name: str = ""  # file name stem of its images (mpp.filenames.safe_stem of the id when empty)
+
+    def __post_init__(self):
+        self.name = self.name or safe_stem(self.id, "layout")
 
 
 def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout:
@@ -64,6 +70,8 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
             raise ValueError(f"instance {k} needs a 'bbox' of 4 numbers, got {bbox!r}")
         box = [float(v) for v in bbox]
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"instance {k} bbox {bbox} is not finite")
         if any(v > 1 for v in box):
             box = [v / resolution for v in box]
         if box[2] <= box[0] or box[3] <= box[1]:
@@ -79,23 +87,33 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         boxes.append(box)
         captions.append(str(inst.get("caption", "")))
         refs.append(ref)
-    return Layout(id=str(data.get("id", f"line{number:05d}")), prompt=data["prompt"], boxes=torch.tensor(boxes),
-                  captions=captions, references=refs)
+    fallback = f"line{number:05d}"
+    sid = str(data["id"]) if data.get("id") not in (None, "") else fallback
+    return Layout(id=sid, prompt=data["prompt"], boxes=torch.tensor(boxes), captions=captions, references=refs,
+                  name=safe_stem(sid, fallback))
 
 
 def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]]:
     """Parses a layouts JSONL; returns the good layouts and one message per bad line ("FILE:N: ...").
-    Reference paths are relative to the JSONL's folder."""
-    layouts, errors = [], []
+    Reference paths are relative to the JSONL's folder. Each id becomes a safe file name
+    (`Layout.name`); a line whose file name an earlier line already has is a bad line."""
+    layouts, errors, first = [], [], {}
     root = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                layouts.append(_parse_line(line, number, resolution=resolution, root=root))
+                layout = _parse_line(line, number, resolution=resolution, root=root)
             except (ValueError, json.JSONDecodeError) as e:
                 errors.append(f"{path}:{number}: {e}")
+                continue
+            if layout.name.lower() in first:  # case-insensitive file systems would overwrite it too
+                errors.append(f"{path}:{number}: id {layout.id!r} (file name {layout.name}) repeats line "
+                              f"{first[layout.name.lower()]}'s; ids must be unique")
+                continue
+            first[layout.name.lower()] = number
+            layouts.append(layout)
     return layouts, errors
 
 
@@ -182,15 +200,17 @@ def generate_one(model, encoders: Encoders, layout: Layout, *, resolution: int, 
 
 
 def save_generated(pixels: np.ndarray, alpha: Tensor, layout: Layout, seed: int, out_dir: str) -> dict:
-    """Writes `<id>.png` and `<id>_boxes.png` (boxes coloured by α) to `out_dir`; returns the record
-    that `generated.json` lists."""
+    """Writes `<name>.png` and `<name>_boxes.png` (boxes coloured by α; `name` the layout's safe file
+    name) to `out_dir`; returns the record that `generated.json` lists."""
+    if not is_safe_stem(layout.name):
+        raise ValueError(f"layout {layout.id!r}: file name {layout.name!r} is not a plain file name")
     os.makedirs(out_dir, exist_ok=True)
     boxes = layout.boxes.cpu()
-    Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.id}.png"))
-    Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.id}_boxes.png"))
+    Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.name}.png"))
+    Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.name}_boxes.png"))
     return {"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": boxes.tolist(),
             "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
-            "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"}
+            "image": f"{layout.name}.png", "image_with_boxes": f"{layout.name}_boxes.png"}
 
 
 def write_report(out_dir: str, records: list[dict], *, checkpoint: str, layouts: str,
@@ -198,15 +218,17 @@ def write_report(out_dir: str, records: list[dict], *, checkpoint: str, layouts:
     """Writes `<out_dir>/generated.json`: the checkpoint, the layouts file, one record per image and the
     layouts file's bad lines (what `mpp evaluate` reads back)."""
     report = {"checkpoint": checkpoint, "layouts": layouts, "images": records, "errors": errors or []}
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "generated.json"), "w") as f:
         json.dump(report, f, indent=1)
 
 
 def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
-             sampler: Sampler) -> list[dict]:
+             sampler: Sampler, records: list[dict] | None = None) -> list[dict]:
     """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
-    `<id>.png` and `<id>_boxes.png` (boxes coloured by the predicted α), returns one record each."""
-    records = []
+    `<name>.png` and `<name>_boxes.png` (boxes coloured by the predicted α), returns one record each
+    (appended to `records` as each image is written, when given)."""
+    records = [] if records is None else records
     for i, layout in enumerate(layouts):
         pixels, alpha, seed = generate_one(model, encoders, layout, resolution=resolution, sampler=sampler, index=i)
         records.append(save_generated(pixels, alpha, layout, seed, out_dir))
@@ -283,8 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors:
         log.error("skipping %s", e)
     sampler = module.sampler(steps=a.steps or module.sampling.steps, seed=a.seed)
-    records = generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampler=sampler)
-    write_report(a.out, records, checkpoint=a.ckpt, layouts=a.layouts, errors=errors)
+    records: list[dict] = []
+    try:
+        generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampler=sampler, records=records)
+    except BaseException as e:
+        errors.append(f"stopped after {len(records)} of {len(layouts)} layouts: {type(e).__name__}: {e}")
+        raise
+    finally:  # the report lists what was written, whatever happened
+        write_report(a.out, records, checkpoint=a.ckpt, layouts=a.layouts, errors=errors)
     log.info("wrote %d images to %s (%d bad lines skipped)", len(records), a.out, len(errors))
     return 1 if errors and not records else 0
 

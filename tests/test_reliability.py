@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -197,3 +199,59 @@ def test_malformed_records_are_named_and_skipped(tmp_path, toy_prepared, toy_set
     assert "more than one record" in caplog.text and ids[4] in caplog.text
     assert [r["id"] for r in dm.train_records] == ids  # one record per id, in place
     assert sorted(seen) == sorted(ids[4:])  # an epoch: every good sample once
+
+
+def _files(root):
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_written(tmp_path, monkeypatch,
+                                                                                        toy_models, toy_prepared):
+    from mpp.__main__ import main as mpp_main
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1")
+    main(args)
+    ckpt = work / "runs/checkpoints/stage1/step=0000001.ckpt"
+    box = [{"bbox": [0.1, 0.1, 0.6, 0.6], "caption": "a red square"}]
+    ids = ["../../evil", str(tmp_path / "abs_evil"), "", "shots/x1", ".hidden", "dup", "dup", "DUP", "ok", "nanbox"]
+    lines = [{"id": sid, "prompt": "a red square", "instances": box} for sid in ids]
+    lines[-1]["instances"] = [{"bbox": [0.1, float("nan"), 0.6, 0.6]}]
+    (work / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    flags = args[1:]
+    configs = [x for i, a in enumerate(flags) if a == "--config" for x in ("--config", flags[i + 1])]
+    overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
+    before = _files(tmp_path)
+    assert mpp_main(["generate", *configs, "--ckpt", str(ckpt), "--layouts", "layouts.jsonl", "--out", "out",
+                     "--steps", "1", *overrides]) == 0
+    written = _files(tmp_path) - before
+    assert all(p.startswith(os.path.join("a", "b", "out") + os.sep) for p in written), written
+    report = json.load(open(work / "out/generated.json"))
+    images = {r["id"]: r["image"] for r in report["images"]}
+    assert images == {"../../evil": "_.._evil.png", str(tmp_path / "abs_evil"): "_" + "_".join(
+        str(tmp_path / "abs_evil").strip("/").split("/")) + ".png", "line00003": "line00003.png",
+        "shots/x1": "shots_x1.png", ".hidden": "hidden.png", "dup": "dup.png", "ok": "ok.png"}
+    assert {r["image"] for r in report["images"]} | {r["image_with_boxes"] for r in report["images"]} | {
+        "generated.json"} == set(os.listdir(work / "out"))
+    errors = {int(e.split(":")[1]): e for e in report["errors"]}
+    assert sorted(errors) == [7, 8, 10]
+    assert "repeats line 6" in errors[7] and "repeats line 6" in errors[8] and "not finite" in errors[10]
+
+    # interrupted (Ctrl-C) after its first images: the report still lists what was written, and why it stopped
+    (work / "many.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "prompt": "a red square", "instances": box})
+                                             + "\n" for i in range(3000)))
+    proc = subprocess.Popen([sys.executable, "-m", "mpp", "generate", *configs, "--ckpt", str(ckpt), "--layouts",
+                             "many.jsonl", "--out", "out2", "--steps", "1", *overrides],
+                            env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (work / "out2/s1_boxes.png").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-2000:]
+    report = json.load(open(work / "out2/generated.json"))
+    done = len(report["images"])
+    assert 2 <= done < 3000 and report["errors"] == [f"stopped after {done} of 3000 layouts: KeyboardInterrupt: "]
+    assert {f"s{i}.png" for i in range(done)} <= set(os.listdir(work / "out2"))
