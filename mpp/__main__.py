@@ -22,10 +22,10 @@ def main(argv: list[str] | None = None):
     if command in TOOLS:
         return importlib.import_module(TOOLS[command]).main(argv[1:])
     if command in TRAINING:
+        from mpp.callbacks.preemption import exit_code
         from mpp.cli import main as cli_main
 
-        cli_main(argv)
-        return 0
+        return exit_code(getattr(cli_main(argv), "trainer", None))  # 75: preempted, run again
     print(__doc__.strip(), file=sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from mpp.data.dataset import BadRecord, PreparedDataset, packed_collate, unpack
 from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest, read_prepare_info
 from mpp.data.sampler import ResumableShardSampler
+from mpp.data.workers import worker_init
 from mpp.encoders import EncoderSettings, parse_dtype, stored_shapes
 from mpp.toy.pretrain import DEFAULT_PRETRAIN_STEPS
 from mpp.toy.vision import VISION_PRETRAIN_STEPS
@@ -169,7 +170,8 @@ class MppDataModule(L.LightningDataModule):
     def _loader(self, dataset, sampler, **kw) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=packed_collate,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, **kw)
+                          persistent_workers=self.num_workers > 0,
+                          worker_init_fn=worker_init if self.num_workers > 0 else None, **kw)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -41,15 +41,20 @@ class Recorder(L.Callback):
 
 
 class SignalAt(L.Callback):
-    """Sends this process `signum` as training batch number `batch` starts, as a scheduler would."""
+    """Sends `signum` as training batch number `batch` (counted in this run) starts, as a scheduler
+    would: to this process, or with `group` to its whole process group (DataLoader workers included);
+    with `rank`, only that rank sends it."""
 
-    def __init__(self, batch: int = 5, signum: int = 15):
-        self.batch, self.signum, self.seen = batch, signum, 0
+    def __init__(self, batch: int = 5, signum: int = 15, group: bool = False, rank: int | None = None):
+        self.batch, self.signum, self.group, self.rank, self.seen = batch, signum, group, rank, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen += 1
-        if self.seen == self.batch:
-            os.kill(os.getpid(), self.signum)
+        if self.seen == self.batch and self.rank in (None, trainer.global_rank):
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 class RankRecorder(Recorder):

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from mpp.callbacks.preemption import PREEMPTED_EXIT
 from mpp.checkpoints import AtomicCheckpointIO, NonFiniteError, is_loadable, latest_checkpoint, load_checkpoint
 from mpp.cli import main
 from mpp.data.layout import sample_path
@@ -255,3 +256,57 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
     done = len(report["images"])
     assert 2 <= done < 3000 and report["errors"] == [f"stopped after {done} of 3000 layouts: KeyboardInterrupt: "]
     assert {f"s{i}.png" for i in range(done)} <= set(os.listdir(work / "out2"))
+
+
+def _fit_process(cwd, toy_models, toy_prepared, record, *extra, signal_args=()):
+    """main.py fit in its own process group (as a scheduler starts it); returns the finished process."""
+    os.makedirs(cwd, exist_ok=True)
+    args = fit_args(1, toy_models, toy_prepared, *extra, *signal_args,
+                    overlays=("tests/conf/fast.yaml", "tests/conf/preempt_ranks.yaml"))
+    env = {**os.environ, "MPP_RECORD_DIR": str(record), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, env=env, timeout=600,
+                          capture_output=True, text=True, start_new_session=True)
+
+
+def _records(folder, ranks=1):
+    return [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(ranks)]
+
+
+def _preempt_and_rerun(tmp_path, toy_models, toy_prepared, extra, signal_args, ranks, max_steps, stopped_at):
+    full = _fit_process(tmp_path / "full", toy_models, toy_prepared, tmp_path / "rec_full", *extra,
+                        f"--trainer.max_steps={max_steps}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = _fit_process(tmp_path / "run", toy_models, toy_prepared, tmp_path / "rec_first", *extra,
+                         f"--trainer.max_steps={max_steps}", signal_args=signal_args)
+    assert first.returncode == PREEMPTED_EXIT, first.stderr[-3000:]
+    assert "killed by signal" not in first.stderr
+    ckpt = tmp_path / "run/runs/checkpoints/stage1/preempted.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == stopped_at
+    assert not (tmp_path / "run/runs/checkpoints/stage1/final.ckpt").exists()
+    second = _fit_process(tmp_path / "run", toy_models, toy_prepared, tmp_path / "rec_second", *extra,
+                          f"--trainer.max_steps={max_steps}", f"--ckpt_path={ckpt}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for a, b, c in zip(_records(tmp_path / "rec_full", ranks), _records(tmp_path / "rec_first", ranks),
+                       _records(tmp_path / "rec_second", ranks)):
+        assert b["steps"] == stopped_at and c["steps"] == a["steps"] == max_steps
+        assert b["ids"] + c["ids"] == a["ids"]
+        assert b["losses"] + c["losses"] == a["losses"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_resumes_exactly(tmp_path, toy_models,
+                                                                                        toy_prepared):
+    """SIGTERM to the whole group (trainer and its 2 DataLoader workers) as micro-batch 5 starts, the
+    first of step 3: step 3 completes, preempted.ckpt, exit 75; the rerun continues exactly."""
+    _preempt_and_rerun(tmp_path, toy_models, toy_prepared, ["--data.num_workers=2"],
+                       ["--trainer.callbacks.batch=5", "--trainer.callbacks.group=true",
+                        f"--trainer.callbacks.signum={int(signal.SIGTERM)}"], ranks=1, max_steps=6, stopped_at=3)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_rank_of_a_ddp_run_stops_every_rank_and_resumes_exactly(tmp_path, toy_models, toy_prepared):
+    """SIGUSR1 reaches rank 1 only, as micro-batch 3 (the first of step 2) starts: both ranks finish
+    step 2 and stop together, rank 0 exits 75, and the rerun continues both ranks exactly."""
+    _preempt_and_rerun(tmp_path, toy_models, toy_prepared, ["--trainer.strategy=ddp", "--trainer.devices=2"],
+                       ["--trainer.callbacks.batch=3", "--trainer.callbacks.rank=1",
+                        f"--trainer.callbacks.signum={int(signal.SIGUSR1)}"], ranks=2, max_steps=4, stopped_at=2)
