@@ -310,3 +310,66 @@ def test_sigusr1_to_one_rank_of_a_ddp_run_stops_every_rank_and_resumes_exactly(t
     _preempt_and_rerun(tmp_path, toy_models, toy_prepared, ["--trainer.strategy=ddp", "--trainer.devices=2"],
                        ["--trainer.callbacks.batch=3", "--trainer.callbacks.rank=1",
                         f"--trainer.callbacks.signum={int(signal.SIGUSR1)}"], ranks=2, max_steps=4, stopped_at=2)
+
+
+def _project(tmp_path, toy_models, toy_prepared):
+    """A copy of the shipped scripts and stage configs (a checkpoint every step; no image logging),
+    and the arguments that make every stage a short toy run."""
+    import yaml
+
+    shutil.copytree(os.path.join(ROOT, "scripts"), tmp_path / "scripts")
+    for name in ("train.sh", "train_stage1.sh", "train_stage2.sh", "train_stage3.sh", "main.py"):
+        shutil.copy2(os.path.join(ROOT, name), tmp_path / name)
+    (tmp_path / "configs").mkdir()
+    for stage in (1, 2, 3):
+        cfg = yaml.safe_load(open(os.path.join(ROOT, f"configs/stage{stage}.yaml")))
+        kept = []
+        for cb in cfg["trainer"]["callbacks"]:
+            name = cb["class_path"].rsplit(".", 1)[1]
+            if name == "ModelCheckpoint" and cb["init_args"].get("every_n_train_steps"):
+                cb["init_args"]["every_n_train_steps"] = 1
+            if name in ("ModelCheckpoint", "PreemptionCheckpoint", "ExportSafetensors"):
+                kept.append(cb)
+        cfg["trainer"]["callbacks"] = kept
+        (tmp_path / f"configs/stage{stage}.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump({
+        "trainer": {"max_steps": 3, "accumulate_grad_batches": 2, "val_check_interval": 4, "limit_val_batches": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"heads": {"lora_rank": 4, "identity_dim": 16}},
+        "data": {"num_workers": 0, "batch_size": 2, "val_fraction": 0.2, "toy": None}}))
+    args = fit_args(1, toy_models, toy_prepared, overlays=())[1:]  # drop "fit"
+    configs = [os.path.join(ROOT, "configs/toy.yaml"), str(tmp_path / "short.yaml")]
+    return [*[x for c in configs for x in ("--config", c)], *[a for a in args[4:]]]
+
+
+@pytest.mark.slow
+def test_train_sh_killed_in_stage_1_resumes_it_then_runs_stages_2_and_3(tmp_path, toy_models, toy_prepared):
+    args = _project(tmp_path, toy_models, toy_prepared)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+    def train(*extra):
+        return subprocess.run(["bash", str(tmp_path / "train.sh"), *args, *extra], cwd=tmp_path, env=env, timeout=900,
+                              capture_output=True, text=True, start_new_session=True)
+
+    # SIGKILL to the whole process group (train.sh included) as stage 1's 5th micro-batch starts: step 2 is saved
+    killed = train("--trainer.callbacks+=tests.helpers.SignalAt", "--trainer.callbacks.batch=5",
+                   f"--trainer.callbacks.signum={int(signal.SIGKILL)}", "--trainer.callbacks.group=true")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    folder = tmp_path / "runs/checkpoints"
+    assert latest_checkpoint(str(folder / "stage1")) == str(folder / "stage1/step=0000002.ckpt")
+    assert not (folder / "stage2").exists()
+
+    rerun = train()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stage 1 resumes runs/checkpoints/stage1/step=0000002.ckpt" in rerun.stderr
+    assert "stage 2 starts from runs/checkpoints/stage1/final.ckpt" in rerun.stderr
+    assert "stage 3 starts from runs/checkpoints/stage2/final.ckpt" in rerun.stderr
+    for stage in (1, 2, 3):
+        final = load_checkpoint(folder / f"stage{stage}/final.ckpt")
+        assert final["global_step"] == 3 and final["mpp"]["stage"] == stage
+        assert (tmp_path / f"runs/export/stage{stage}/heads.safetensors").exists()
+    assert len(glob.glob(str(tmp_path / "runs/logs/stage1_*"))) == 1  # the resumed stage 1 kept its folder
+
+    again = train()
+    assert again.returncode == 0
+    assert all(f"stage {s} is finished" in again.stderr for s in (1, 2, 3))

@@ -77,7 +77,7 @@ class CheckpointHousekeeping(L.Callback):
             return None
         pattern = _file_pattern(cb)
         found = {}
-        for name in sorted(os.listdir(cb.dirpath)):
+        for name in sorted(os.listdir(cb.dirpath)) if os.path.isdir(cb.dirpath) else []:
             path = os.path.join(cb.dirpath, name)
             if not pattern.fullmatch(name) or not os.path.isfile(path):
                 continue
