@@ -268,11 +268,13 @@ class MppDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batches": self._batches, "batch_size": self.batch_size,
-                "bad_records": dict(self.bad_records)}
+                "val_fraction": self.val_fraction, "seed": self.seed, "bad_records": dict(self.bad_records)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["batch_size"] != self.batch_size:
-            raise ValueError(f"data.batch_size={self.batch_size} differs from the checkpoint's "
-                             f"{state['batch_size']}; an exact resume needs the same batch size")
+        # each decides which samples the interrupted epoch has not used yet
+        for name in ("batch_size", "val_fraction", "seed"):
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(f"data.{name}={getattr(self, name)} differs from the checkpoint's {state[name]}; "
+                                 f"an exact resume needs the same data.{name}")
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
         self.bad_records = dict(state["bad_records"])

@@ -373,3 +373,89 @@ def test_train_sh_killed_in_stage_1_resumes_it_then_runs_stages_2_and_3(tmp_path
     again = train()
     assert again.returncode == 0
     assert all(f"stage {s} is finished" in again.stderr for s in (1, 2, 3))
+
+
+def test_resuming_with_another_split_or_shuffle_is_refused(toy_prepared, toy_settings):
+    from mpp.datamodule import MppDataModule
+
+    state = MppDataModule(toy_prepared, encoders=toy_settings, val_fraction=0.2).state_dict()
+    MppDataModule(toy_prepared, encoders=toy_settings, val_fraction=0.2).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.3 differs from the checkpoint's 0.2"):
+        MppDataModule(toy_prepared, encoders=toy_settings, val_fraction=0.3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"data.seed=1 differs"):
+        MppDataModule(toy_prepared, encoders=toy_settings, val_fraction=0.2, seed=1).load_state_dict(state)
+
+
+def test_preparation_names_a_non_utf8_caption_and_refuses_tiny_images_and_warns_on_elongated_ones(
+        tmp_path, toy_raw, toy_settings, caplog):
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from mpp.prepare import prepare_dataset
+
+    raw = tmp_path / "raw"
+    shutil.copytree(toy_raw, raw)
+    ids = sorted(p[:-4] for p in os.listdir(raw / "images"))[:5]
+    keep = set(ids)
+    for name in os.listdir(raw / "images"):  # five samples are enough
+        if name[:-4] not in keep:
+            os.unlink(raw / "images" / name)
+    (raw / "captions" / f"{ids[0]}.json").write_bytes(b'{"caption": "caf\\xe9 "}'.replace(b"\\xe9", b"\xe9"))
+    caption = {"caption": "x", "instances": [{"bbox": [0, 0, 1, 1], "caption": "a dot"}]}
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(raw / "images" / f"{ids[1]}.png")
+    (raw / "captions" / f"{ids[1]}.json").write_text(json.dumps(caption))
+    Image.fromarray(np.zeros((4, 20000, 3), np.uint8)).save(raw / "images" / f"{ids[2]}.png")
+    (raw / "captions" / f"{ids[2]}.json").write_text(json.dumps(caption))
+    Image.fromarray(np.zeros((128, 640, 3), np.uint8)).save(raw / "images" / f"{ids[3]}.png")
+    wide = {"caption": "x", "instances": [{"bbox": [300, 10, 340, 100], "caption": "a box"}]}
+    (raw / "captions" / f"{ids[3]}.json").write_text(json.dumps(wide))
+    with caplog.at_level(logging.WARNING):
+        result = prepare_dataset(str(raw), str(tmp_path / "out"), encoders=toy_settings, resolution=128, progress=False)
+    errors = dict(result.errors)
+    assert sorted(errors) == ids[:3] and sorted(result.written) == ids[3:]
+    assert f"captions/{ids[0]}.json" in errors[ids[0]] and "utf-8" in errors[ids[0]]
+    assert "1×1 is too small" in errors[ids[1]] and "20000×4 is too small" in errors[ids[2]]
+    assert f"images/{ids[3]}.png: 640×128 is wider than 4:1" in caplog.text
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie waits for its reaper, it runs nothing
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_dataloader_workers_die_with_a_sigkilled_trainer(tmp_path, toy_models, toy_prepared):
+    args = fit_args(1, toy_models, toy_prepared, "--data.num_workers=2", "--trainer.max_steps=1000")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "runs/checkpoints/stage1/step=0000001.ckpt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2 and all(_alive(w) for w in workers)
+        proc.kill()
+        proc.wait()
+        # at once: PyTorch's own watchdog in a worker only notices a dead parent every 5 s while idle
+        deadline = time.time() + 2
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
