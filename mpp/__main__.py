@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None):
         result = importlib.import_module(TOOLS[command]).main(argv[1:])
         return result if isinstance(result, int) else 0
     if command in TRAINING:
-        importlib.import_module("mpp.cli").main(argv)
-        return 0
+        cli = importlib.import_module("mpp.cli")
+        preemption = importlib.import_module("mpp.callbacks.preemption")
+        return preemption.exit_code(getattr(cli.main(argv), "trainer", None))  # 75: preempted, run again
     print(__doc__.strip(), file=sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

@@ -12,16 +12,37 @@ import os
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from mpp.data.dataset import PreparedDataset, packed_collate, unpack
-from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest
+from mpp.data.dataset import BadRecord, PreparedDataset, packed_collate, unpack
+from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest, read_prepare_info
 from mpp.data.sampler import ResumableShardSampler
-from mpp.encoders import EncoderSettings
+from mpp.data.workers import worker_init
+from mpp.encoders import EncoderSettings, parse_dtype, stored_shapes
 from mpp.layouts import read_layouts
 from mpp.toy.prepare import ToyData
 
 log = logging.getLogger(__name__)
+
+
+def _unique(records: list[dict], manifest: str) -> list[dict]:
+    """One record per id (the last, which describes the files on disk, at the first one's place):
+    a duplicated record would train twice per epoch."""
+    last = {r["id"]: r for r in records}
+    if len(last) < len(records):
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r["id"]] = counts.get(r["id"], 0) + 1
+        dups = sorted(sid for sid, c in counts.items() if c > 1)
+        log.warning("%s: %d ids have more than one record; each trains once (the last record): %s%s", manifest,
+                    len(dups), ", ".join(dups[:20]), " ..." if len(dups) > 20 else "")
+    out, seen = [], set()
+    for r in records:
+        if r["id"] not in seen:
+            seen.add(r["id"])
+            out.append(last[r["id"]])
+    return out
 
 
 def is_validation(sample_id: str, fraction: float) -> bool:
@@ -41,7 +62,8 @@ class MppDataModule(L.LightningDataModule):
         val_fraction: share of ids held out for validation (by a hash of the id).
         num_workers: DataLoader worker processes.
         pin_memory: pin batches for faster host→GPU copies.
-        max_bad_records: a run stops, listing them, once more records than this failed validation.
+        max_bad_records: a run stops, listing them, once more records than this failed validation
+            (counted over all ranks; every rank stops at the same batch).
         seed: seed of the per-epoch shuffle.
         toy: when set, `prepare_data` builds the toy world into `root` if it is not complete.
         predict_file: the layouts JSONL that `predict` generates (`mpp.layouts`' format); its bad
@@ -79,6 +101,8 @@ class MppDataModule(L.LightningDataModule):
         self._epoch, self._batches = 0, 0
         self._resume: dict | None = None
         self._sampler: ResumableShardSampler | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._dtype: torch.dtype | None = None
 
     def _predicting(self) -> bool:
         return self.trainer is not None and self.trainer.predicting
@@ -96,7 +120,10 @@ class MppDataModule(L.LightningDataModule):
                              "or merge shards (python -m mpp.prepare merge)")
         check_prepare_info(self.root, {"version": FORMAT_VERSION, "resolution": self.resolution,
                                        "encoders": self.encoders.identity()})
-        records = read_manifest(manifest)
+        records = _unique(read_manifest(manifest), manifest)
+        self._shapes = stored_shapes(self.encoders)
+        store = (read_prepare_info(self.root) or {}).get("store_dtype")
+        self._dtype = parse_dtype(store, "store_dtype") if store else None
         self.val_records = [r for r in records if is_validation(r["id"], self.val_fraction)]
         self.train_records = [r for r in records if not is_validation(r["id"], self.val_fraction)]
         if not self.train_records or not self.val_records:
@@ -111,7 +138,8 @@ class MppDataModule(L.LightningDataModule):
     def _loader(self, dataset, sampler, **kw) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=packed_collate,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, **kw)
+                          persistent_workers=self.num_workers > 0,
+                          worker_init_fn=worker_init if self.num_workers > 0 else None, **kw)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -122,13 +150,16 @@ class MppDataModule(L.LightningDataModule):
             self._sampler.skip(self._resume["batches"] * self.batch_size, epoch=self._resume["epoch"])
             self._epoch, self._batches = self._resume["epoch"], self._resume["batches"]
             self._resume = None
-        return self._loader(PreparedDataset(self.root, self.train_records), self._sampler, drop_last=True)
+        return self._loader(self._dataset(self.train_records), self._sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         sampler = ResumableShardSampler(len(self.val_records), rank=rank, num_replicas=world, shuffle=False,
                                         drop_last=False)
-        return self._loader(PreparedDataset(self.root, self.val_records), sampler)
+        return self._loader(self._dataset(self.val_records), sampler)
+
+    def _dataset(self, records: list[dict]) -> PreparedDataset:
+        return PreparedDataset(self.root, records, shapes=self._shapes, dtype=self._dtype)
 
     def predict_dataloader(self) -> DataLoader:
         """One layout of `predict_file` per step, as {"index", "layout", "resolution"}."""
@@ -154,15 +185,46 @@ class MppDataModule(L.LightningDataModule):
             if epoch != self._epoch:
                 self._epoch, self._batches = epoch, 0
             self._batches += 1
-        for bad in batch.pop("bad"):
-            if bad.id not in self.bad_records:
-                log.warning("skipping bad record %s in %s: %s", bad.id, self.root, bad.reason)
+        new = [bad for bad in batch.pop("bad") if bad.id not in self.bad_records]
+        for bad in new:
+            log.warning("skipping bad record %s in %s: %s", bad.id, self.root, bad.reason)
+        for bad in self._all_ranks(new):
             self.bad_records[bad.id] = bad.reason
+        if self.trainer is not None and self.trainer.training and not batch["ids"]:
+            batch = self._placeholder()
         if len(self.bad_records) > self.max_bad_records:
             listing = "\n".join(f"  {k}: {v}" for k, v in sorted(self.bad_records.items()))
             raise RuntimeError(f"{len(self.bad_records)} bad records in {self.root} exceed "
                                f"data.max_bad_records={self.max_bad_records}:\n{listing}")
         return batch
+
+    def _all_ranks(self, bad: list[BadRecord]) -> list[BadRecord]:
+        """The new bad records of every rank (the same list on each), so that every rank counts the
+        same and stops at the same batch: one all-reduce per batch, a gather only when one has some."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return bad
+        count = trainer.strategy.reduce(torch.tensor(float(len(bad)), device=trainer.strategy.root_device),
+                                        reduce_op="sum")
+        if not count:
+            return []
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, [(b.id, b.reason) for b in bad])
+        return [BadRecord(sid, reason) for rank in everyone for sid, reason in rank]
+
+    def _placeholder(self) -> dict:
+        """A stand-in for a training batch that lost every record: one all-zero sample with one
+        full-image background box, in the shapes of this dataset. `MppModule.training_step` weighs
+        it zero; it exists so that a rank without data still takes part in the step."""
+        shapes = self._shapes
+        one = {"latents": torch.zeros(1, *self.train_records[0]["latent_shape"]),
+               "boxes": torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]), "instance_mask": torch.ones(1, 1, dtype=torch.bool),
+               "foreground": torch.zeros(1, 1)}
+        for key in ("clip_embeds", "dino_embeds", "instance_text"):
+            one[key] = torch.zeros(1, 1, *shapes[key])
+        for key in ("prompt_embeds", "pooled_prompt_embeds"):
+            one[key] = torch.zeros(1, *shapes[key])
+        return {"ids": [], "placeholder": True, **one}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._predicting():
@@ -172,11 +234,13 @@ class MppDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batches": self._batches, "batch_size": self.batch_size,
-                "bad_records": dict(self.bad_records)}
+                "val_fraction": self.val_fraction, "seed": self.seed, "bad_records": dict(self.bad_records)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["batch_size"] != self.batch_size:
-            raise ValueError(f"data.batch_size={self.batch_size} differs from the checkpoint's "
-                             f"{state['batch_size']}; an exact resume needs the same batch size")
+        # each decides which samples the interrupted epoch has not used yet
+        for name in ("batch_size", "val_fraction", "seed"):
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(f"data.{name}={getattr(self, name)} differs from the checkpoint's {state[name]}; "
+                                 f"an exact resume needs the same data.{name}")
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
         self.bad_records = dict(state["bad_records"])

@@ -154,6 +154,18 @@ def embedding_dims(settings: EncoderSettings) -> dict[str, int]:
     return {"clip_dim": clip.projection_dim, "dino_dim": dino.hidden_size, "text_dim": text.hidden_size}
 
 
+def stored_shapes(settings: EncoderSettings) -> dict[str, tuple[int, ...]]:
+    """The shape each prepared embedding must have for these encoders (per instance: the trailing
+    shape), read from the configs without loading weights; `mpp.data.dataset` checks records against it."""
+    from transformers import AutoConfig
+
+    dims = embedding_dims(settings)
+    t5 = AutoConfig.from_pretrained(settings.flux, subfolder="text_encoder_2", revision=settings.revision)
+    return {"clip_embeds": (dims["clip_dim"],), "dino_embeds": (dims["dino_dim"],),
+            "instance_text": (dims["text_dim"],), "pooled_prompt_embeds": (dims["text_dim"],),
+            "prompt_embeds": (settings.t5_max_length, t5.d_model)}
+
+
 def crop_boxes(images: Tensor, boxes: Tensor, *, size: int, margin: float = 0.0) -> Tensor:
     """Crops each box (with `margin` of its size on each side) and resizes it to size×size.
 

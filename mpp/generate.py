@@ -74,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors:
         log.error("skipping %s", e)
     sampling = replace(module.sampling, steps=a.steps or module.sampling.steps, seed=a.seed)
-    records = generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampling=sampling,
-                       guidance=module.hparams.guidance)
-    write_report(a.out, records, checkpoint=ckpt, layouts=a.layouts, errors=errors)
+    records: list[dict] = []
+    try:
+        generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampling=sampling,
+                 guidance=module.hparams.guidance, records=records)
+    except BaseException as e:
+        errors.append(f"stopped after {len(records)} of {len(layouts)} layouts: {type(e).__name__}: {e}")
+        raise
+    finally:  # the report lists what was written, whatever happened
+        write_report(a.out, records, checkpoint=ckpt, layouts=a.layouts, errors=errors)
     log.info("wrote %d images to %s (%d bad lines skipped)", len(records), a.out, len(errors))
-    return 1 if errors and not records else 0
+    return 1 if errors else 0  # a bad line or a stopped run: the report says which
 
 
 if __name__ == "__main__":

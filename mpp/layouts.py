@@ -6,14 +6,16 @@ normalized; otherwise they are pixels of the generated image (data.resolution sq
 are relative to the JSONL's folder. A line without an id is `line<N>` (N its 1-based number, five
 digits).
 
-A generation writes `<id>.png`, `<id>_boxes.png` (boxes coloured by the predicted α) and
-`generated.json`: the checkpoint, the layouts file, one record per image and the layouts file's
-bad lines.
+A generation writes `<name>.png`, `<name>_boxes.png` (boxes coloured by the predicted α; `name` the
+id made a plain file name, `mpp.filenames.safe_stem`, both in the report) and `generated.json`: the
+checkpoint, the layouts file, one record per image and the layouts file's bad lines. Nothing is
+written outside the output folder, and two ids never share a file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from mpp.data.raw import read_image, to_tensor
 from mpp.encoders import Encoders, crop_boxes
+from mpp.filenames import is_safe_stem, safe_stem
 from mpp.viz import draw_boxes
 
 REPORT_NAME = "generated.json"
@@ -36,10 +39,14 @@ class Layout:
     boxes: Tensor  # N×4 normalized xyxy
     captions: list[str]
     references: list[Tensor | None]  # 3×h×w in [-1, 1]
+    name: str = ""  # file name stem of its images (mpp.filenames.safe_stem of the id when empty)
+
+    def __post_init__(self):
+        self.name = self.name or safe_stem(self.id, "layout")
 
 
 def _layout_id(data: dict, number: int) -> str:
-    return str(data.get("id", f"line{number:05d}"))
+    return str(data["id"]) if data.get("id") not in (None, "") else f"line{number:05d}"
 
 
 def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout:
@@ -55,8 +62,13 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
             raise ValueError(f"instance {k} needs a 'bbox' of 4 numbers, got {bbox!r}")
         box = [float(v) for v in bbox]
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"instance {k} bbox {bbox} is not finite")
         if any(v > 1 for v in box):
             box = [v / resolution for v in box]
+            if (box[2] - box[0]) * resolution < 1 or (box[3] - box[1]) * resolution < 1:
+                raise ValueError(f"instance {k} bbox {bbox} read as pixels (a value above 1) is under one pixel "
+                                 "wide or high; normalized boxes lie in [0, 1]")
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"instance {k} bbox {bbox} has zero area")
         if min(box) < 0 or max(box) > 1:
@@ -70,23 +82,32 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         boxes.append(box)
         captions.append(str(inst.get("caption", "")))
         refs.append(ref)
-    return Layout(id=_layout_id(data, number), prompt=data["prompt"], boxes=torch.tensor(boxes),
-                  captions=captions, references=refs)
+    sid = _layout_id(data, number)
+    return Layout(id=sid, prompt=data["prompt"], boxes=torch.tensor(boxes), captions=captions, references=refs,
+                  name=safe_stem(sid, f"line{number:05d}"))
 
 
 def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]]:
     """Parses a layouts JSONL; returns the good layouts and one message per bad line ("FILE:N: ...").
-    Reference paths are relative to the JSONL's folder."""
-    layouts, errors = [], []
+    Reference paths are relative to the JSONL's folder. Each id becomes a safe file name
+    (`Layout.name`); a line whose file name an earlier line already has is a bad line."""
+    layouts, errors, first = [], [], {}
     root = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                layouts.append(_parse_line(line, number, resolution=resolution, root=root))
+                layout = _parse_line(line, number, resolution=resolution, root=root)
             except (ValueError, json.JSONDecodeError) as e:
                 errors.append(f"{path}:{number}: {e}")
+                continue
+            if layout.name.lower() in first:  # case-insensitive file systems would overwrite it too
+                errors.append(f"{path}:{number}: id {layout.id!r} (file name {layout.name}) repeats line "
+                              f"{first[layout.name.lower()]}'s; ids must be unique")
+                continue
+            first[layout.name.lower()] = number
+            layouts.append(layout)
     return layouts, errors
 
 
@@ -116,15 +137,17 @@ def encode_layout(encoders: Encoders, layout: Layout) -> dict:
 
 
 def save_generated(pixels: np.ndarray, alpha: Tensor, layout: Layout, seed: int, out_dir: str) -> dict:
-    """Writes `<id>.png` and `<id>_boxes.png` (boxes coloured by α) to `out_dir`; returns the record
-    that the report lists."""
+    """Writes `<name>.png` and `<name>_boxes.png` (boxes coloured by α; `name` the layout's safe file
+    name) to `out_dir`; returns the record that the report lists."""
+    if not is_safe_stem(layout.name):
+        raise ValueError(f"layout {layout.id!r}: file name {layout.name!r} is not a plain file name")
     os.makedirs(out_dir, exist_ok=True)
     boxes = layout.boxes.cpu()
-    Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.id}.png"))
-    Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.id}_boxes.png"))
+    Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.name}.png"))
+    Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.name}_boxes.png"))
     return {"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": boxes.tolist(),
             "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
-            "image": f"{layout.id}.png", "image_with_boxes": f"{layout.id}_boxes.png"}
+            "image": f"{layout.name}.png", "image_with_boxes": f"{layout.name}_boxes.png"}
 
 
 def write_report(out_dir: str, records: list[dict], *, checkpoint: str, layouts: str,
@@ -132,6 +155,7 @@ def write_report(out_dir: str, records: list[dict], *, checkpoint: str, layouts:
     """Writes `<out_dir>/generated.json`: the checkpoint, the layouts file, one record per image and the
     layouts file's bad lines."""
     report = {"checkpoint": checkpoint, "layouts": layouts, "images": records, "errors": errors or []}
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, REPORT_NAME), "w") as f:
         json.dump(report, f, indent=1)
 
@@ -148,7 +172,7 @@ def load_generated(generated_dir: str, layouts_path: str):
         for number, line in enumerate(f, start=1):
             if line.strip():
                 data = json.loads(line)
-                raw[_layout_id(data, number)] = data
+                raw.setdefault(_layout_id(data, number), data)  # the first of duplicated ids, as generate keeps it
     images, layouts, references = {}, {}, {}
     for record in report["images"]:
         image = np.asarray(Image.open(os.path.join(generated_dir, record["image"])).convert("RGB"))

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from mpp.callbacks import CheckpointHousekeeping, FinalCheckpoint, NonFiniteGuard
 from mpp.checkpoints import load_checkpoint
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
@@ -112,6 +113,8 @@ class MppModule(L.LightningModule):
             the group for this run (it is still saved).
         seed: seeds the noise and timesteps, together with the step and the rank.
         sampling: Euler sampling of logged images and generation (`predict`, `mpp generate`).
+        max_skipped_steps: optimizer steps with a non-finite loss or gradient that are skipped before
+            the run stops (`mpp.callbacks.NonFiniteGuard`); 0 stops at the first.
     """
 
     def __init__(
@@ -131,10 +134,13 @@ class MppModule(L.LightningModule):
         lr_scale: dict[str, float] | None = None,
         seed: int = 0,
         sampling: SamplingConfig | None = None,
+        max_skipped_steps: int = 0,
     ):
         super().__init__()
         if stage not in STAGE_GROUPS:
             raise ValueError(f"model.stage must be one of {sorted(STAGE_GROUPS)}, got {stage}")
+        if max_skipped_steps < 0:
+            raise ValueError(f"model.max_skipped_steps must be >= 0, got {max_skipped_steps}")
         self.save_hyperparameters()
         self.stage = stage
         self.lr_scale = check_lr_scale(lr_scale or {}, STAGE_GROUPS[stage])
@@ -204,8 +210,9 @@ class MppModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         owned = self.owned_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in owned}
+        # "keys": what this checkpoint must hold to be loadable (mpp.checkpoints.is_loadable)
         checkpoint["mpp"] = {"stage": self.stage, "micro_step": self.micro_step,
-                             "log_version": getattr(self.logger, "version", None)}
+                             "log_version": getattr(self.logger, "version", None), "keys": sorted(owned)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage = checkpoint["mpp"]["stage"]
@@ -297,16 +304,22 @@ class MppModule(L.LightningModule):
                              std=cfg.logit_std, shift=cfg.shift).to(x0)
         return noise, t
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def configure_callbacks(self):
+        """The reliability callbacks every run has, whatever its config lists (docs/reliability.md)."""
+        return [NonFiniteGuard(self.hparams.max_skipped_steps), CheckpointHousekeeping(), FinalCheckpoint()]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         step = self.micro_step
         self.micro_step += 1
-        if "latents" not in batch:  # every record of this batch failed validation
-            return None
         noise, t = self._noise_and_t(batch["latents"], self._generator(step, self.global_rank))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # modality dropout draws from here, per step
             torch.manual_seed(_seed(self.hparams.seed, step, self.global_rank, 1))
             logs = self._losses(batch, noise, t, prefix="", g=self._generator(step, self.global_rank, 2))
+        if batch.get("placeholder"):
+            # every record of this rank's batch failed validation (MppDataModule): the same computation
+            # on a stand-in, weighted zero, so this rank still takes part in the step's collectives
+            return logs["loss/total"] * 0.0
         self.log_dict(logs, prog_bar=False, batch_size=len(batch["ids"]))
         self.log("loss", logs["loss/total"], prog_bar=True, logger=False, batch_size=len(batch["ids"]))
         return logs["loss/total"]

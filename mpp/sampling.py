@@ -81,11 +81,12 @@ def generate_one(model, encoders: Encoders, layout: Layout, *, resolution: int, 
 
 
 def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
-             sampling: SamplingConfig, guidance: float = DEFAULT_GUIDANCE) -> list[dict]:
+             sampling: SamplingConfig, guidance: float = DEFAULT_GUIDANCE,
+             records: list[dict] | None = None) -> list[dict]:
     """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
-    `<id>.png` and `<id>_boxes.png` (boxes coloured by the predicted α), returns one record each
-    (`mpp.layouts.write_report` writes them)."""
-    records = []
+    `<name>.png` and `<name>_boxes.png` (boxes coloured by the predicted α), returns one record each
+    (`mpp.layouts.write_report` writes them), appended to `records` as each image is written when given."""
+    records = [] if records is None else records
     for i, layout in enumerate(layouts):
         pixels, alpha, seed = generate_one(model, encoders, layout, resolution=resolution, sampling=sampling,
                                            index=i, guidance=guidance)

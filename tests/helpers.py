@@ -46,19 +46,25 @@ class Recorder(L.Callback):
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-                json.dump({"losses": self.losses, "ids": self.ids}, f)
+                json.dump({"losses": self.losses, "ids": self.ids, "steps": trainer.global_step,
+                           "bad": sorted(getattr(trainer.datamodule, "bad_records", {}))}, f)
 
 
 class SignalAt(L.Callback):
-    """Sends this process `signum` as training batch number `batch` starts, as a scheduler would."""
+    """Sends `signum` as training batch number `batch` (counted in this run) starts, as a scheduler
+    would: to this process, or with `group` to its whole process group (DataLoader workers included);
+    with `rank`, only that rank sends it."""
 
-    def __init__(self, batch: int = 5, signum: int = 15):
-        self.batch, self.signum, self.seen = batch, signum, 0
+    def __init__(self, batch: int = 5, signum: int = 15, group: bool = False, rank: int | None = None):
+        self.batch, self.signum, self.group, self.rank, self.seen = batch, signum, group, rank, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen += 1
-        if self.seen == self.batch:
-            os.kill(os.getpid(), self.signum)
+        if self.seen == self.batch and self.rank in (None, trainer.global_rank):
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 class RankRecorder(Recorder):
@@ -66,6 +72,22 @@ class RankRecorder(Recorder):
 
     def __init__(self):
         super().__init__(out_dir=os.environ["MPP_RECORD_DIR"])
+
+
+class PoisonGradient(L.Callback):
+    """Makes the gradients of training micro-batch number `batch` (1-based, counted in this run) NaN
+    after its backward, as an overflow would."""
+
+    def __init__(self, batch: int = 3):
+        self.batch, self.seen = batch, 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.seen += 1
+        if self.seen == self.batch:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    return
 
 
 def fit_args(stage, toy_models, toy_prepared, *extra, overlays=("tests/conf/fast.yaml",)):

@@ -6,16 +6,21 @@ import time
 import pytest
 import torch
 
-from mpp.checkpoints import AtomicCheckpointIO, latest_checkpoint, main
+from mpp.checkpoints import AtomicCheckpointIO, latest_checkpoint, main, plan, remove_temporaries
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _ckpt(step):
-    return {"state_dict": {"w": torch.full((2,), float(step))}, "global_step": step, "mpp": {"stage": 1}}
+def _ckpt(step, stage=1):
+    return {"state_dict": {"w": torch.full((2,), float(step)), "v": torch.zeros(1)}, "global_step": step,
+            "mpp": {"stage": stage, "micro_step": 2 * step, "keys": ["v", "w"]}}
 
 
-def _write(path, step, mtime):
-    torch.save(_ckpt(step), path)
-    os.utime(path, (mtime, mtime))
+def _write(path, step, mtime=None, stage=1):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(_ckpt(step, stage), path)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
 
 
 def test_latest_skips_truncated_and_foreign_files(tmp_path, caplog):
@@ -24,7 +29,6 @@ def test_latest_skips_truncated_and_foreign_files(tmp_path, caplog):
     _write(tmp_path / "step=2.ckpt", 2, now - 20)
     data = (tmp_path / "step=2.ckpt").read_bytes()
     (tmp_path / "step=3.ckpt").write_bytes(data[: len(data) // 2])  # a killed writer
-    os.utime(tmp_path / "step=3.ckpt", (now - 10, now - 10))
     torch.save({"something": "else"}, tmp_path / "other.ckpt")
     with caplog.at_level(logging.WARNING):
         assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step=2.ckpt")
@@ -56,22 +60,87 @@ def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
     assert torch.load(path, weights_only=False)["global_step"] == 5
 
 
-def test_train_stage_script_finds_the_previous_stage(tmp_path):
-    """train_stage2.sh without CKPT passes the newest loadable stage-1 checkpoint to main.py."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_latest_is_the_highest_step_directly_in_the_folder_whatever_the_mtimes(tmp_path):
+    now = time.time()
+    for step in (200, 400, 600):
+        _write(tmp_path / f"step={step:07d}.ckpt", step, now - step)  # the newest step has the oldest mtime
+    _write(tmp_path / "keep" / "step=0000800.ckpt", 800, now)  # a backup copy in a subfolder
+    _write(tmp_path / "keep" / "step=0000200.ckpt", 200, now)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step=0000600.ckpt")
+    os.utime(tmp_path / "step=0000400.ckpt", (now + 100, now + 100))  # touched
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step=0000600.ckpt")
+    # a checkpoint missing a weight it trained is not loadable
+    broken = _ckpt(900)
+    del broken["state_dict"]["v"]
+    torch.save(broken, tmp_path / "step=0000900.ckpt")
+    # neither is one with non-finite weights
+    nan = _ckpt(1000)
+    nan["state_dict"]["w"][0] = float("nan")
+    torch.save(nan, tmp_path / "step=0001000.ckpt")
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step=0000600.ckpt")
+
+
+def test_plan_resumes_its_own_stage_else_starts_from_the_previous_final(tmp_path):
+    root = tmp_path / "runs/checkpoints"
+    assert plan(1, str(root)) == ("fresh", None)
+    with pytest.raises(ValueError, match="stage 1 has not finished"):
+        plan(2, str(root))
+    _write(root / "stage1/step=0000002.ckpt", 2)
+    assert plan(1, str(root)) == ("resume", str(root / "stage1/step=0000002.ckpt"))
+    with pytest.raises(ValueError, match="train_stage1.sh"):
+        plan(2, str(root))  # a partial stage 1 is never the start of stage 2
+    _write(root / "stage1/final.ckpt", 4)
+    assert plan(1, str(root)) == ("done", str(root / "stage1/final.ckpt"))
+    assert plan(2, str(root)) == ("start", str(root / "stage1/final.ckpt"))
+    _write(root / "stage2/step=0000001.ckpt", 1, stage=2)
+    _write(root / "stage2/preempted.ckpt", 3, stage=2)
+    assert plan(2, str(root)) == ("resume", str(root / "stage2/preempted.ckpt"))
+    (root / "stage2/final.ckpt").write_bytes(b"truncated")  # not loadable: the stage is not finished
+    assert plan(2, str(root))[0] == "resume"
+
+
+def _script_copy(tmp_path):
+    """The shipped scripts beside a main.py that prints its arguments."""
     (tmp_path / "main.py").write_text("import sys; print(' '.join(sys.argv[1:]))\n")
-    folder = tmp_path / "runs/checkpoints/stage1"
-    folder.mkdir(parents=True)
-    _write(folder / "step=1.ckpt", 1, time.time() - 5)
-    (folder / "step=2.ckpt").write_bytes(b"truncated")
-    # copies of the scripts beside a main.py that prints its arguments
     (tmp_path / "scripts").mkdir()
-    for name in ("train_stage2.sh", "scripts/stage.sh"):
-        (tmp_path / name).write_text(open(os.path.join(root, name)).read())
+    for name in ("train.sh", "train_stage1.sh", "train_stage2.sh", "train_stage3.sh", "scripts/stage.sh"):
+        (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
         (tmp_path / name).chmod(0o755)
-    script = tmp_path / "train_stage2.sh"
-    out = subprocess.run(["bash", str(script), "--config", "x.yaml"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": root})
-    assert out.stdout.strip() == ("fit --config configs/stage2.yaml --ckpt_path runs/checkpoints/stage1/step=1.ckpt "
+
+
+def _run(tmp_path, script, *args, check=True):
+    return subprocess.run(["bash", str(tmp_path / script), *args], capture_output=True, text=True, check=check,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_stage_scripts_resume_their_own_stage_and_train_sh_runs_only_unfinished_stages(tmp_path):
+    _script_copy(tmp_path)
+    folder = tmp_path / "runs/checkpoints"
+    _write(folder / "stage1/step=0000001.ckpt", 1)
+    _write(folder / "stage1/final.ckpt", 2)
+    (folder / "stage1/step=0000003.ckpt").write_bytes(b"truncated")
+    out = _run(tmp_path, "train_stage2.sh", "--config", "x.yaml")
+    assert out.stdout.strip() == ("fit --config configs/stage2.yaml --ckpt_path runs/checkpoints/stage1/final.ckpt "
                                   "--config x.yaml")
-    assert "step=2.ckpt" in out.stderr
+    _write(folder / "stage2/step=0000005.ckpt", 5, stage=2)
+    _write(folder / "stage2/keep/step=0000009.ckpt", 9, stage=2)
+    out = _run(tmp_path, "train_stage2.sh", "--config", "x.yaml")
+    assert out.stdout.strip() == ("fit --config configs/stage2.yaml "
+                                  "--ckpt_path runs/checkpoints/stage2/step=0000005.ckpt --config x.yaml")
+    # train.sh: stage 1 is finished (skipped), stage 2 resumes, stage 3 starts from... the fake main.py
+    # writes no final.ckpt for stage 2, so stage 3 refuses to start from a partial stage 2
+    out = _run(tmp_path, "train.sh", "--config", "x.yaml", check=False)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        "fit --config configs/stage2.yaml --ckpt_path runs/checkpoints/stage2/step=0000005.ckpt --config x.yaml"]
+    assert "stage 1 is finished" in out.stderr and "stage 2 has not finished" in out.stderr
+    # an explicit CKPT is passed as given
+    out = _run(tmp_path, "train_stage3.sh", "some.ckpt")
+    assert out.stdout.strip() == "fit --config configs/stage3.yaml --ckpt_path some.ckpt"
+
+
+def test_remove_temporaries_leaves_checkpoints(tmp_path):
+    _write(tmp_path / "step=1.ckpt", 1)
+    (tmp_path / ".tmp-abc123step=2.ckpt").write_bytes(b"partial")
+    assert remove_temporaries(str(tmp_path)) == [str(tmp_path / ".tmp-abc123step=2.ckpt")]
+    assert os.listdir(tmp_path) == ["step=1.ckpt"]

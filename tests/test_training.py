@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mpp.callbacks import ExportSafetensors
+from mpp.callbacks.preemption import PREEMPTED_EXIT, exit_code
 from mpp.cli import BASE_CONFIG, MppCLI, main
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
@@ -178,16 +178,12 @@ def test_checkpoint_of_a_non_adjacent_stage_is_refused(in_tmp, toy_models, toy_p
 def test_preemption_saves_a_checkpoint_and_stops(in_tmp, toy_models, toy_prepared, signum):
     args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=50", f"--trainer.callbacks.signum={int(signum)}",
                     overlays=("tests/conf/fast.yaml", "tests/conf/preempt.yaml"))
-    if signum == signal.SIGTERM:  # Lightning aborts the run after the batch that saw SIGTERM
-        with pytest.raises(SIGTERMException):
-            main(args)
-        step = 2  # saved at the end of batch 5, mid-accumulation (2 batches a step)
-    else:  # the advance notice lets the run finish its optimizer step and stop cleanly
-        cli = main(args)
-        step = cli.trainer.global_step
-        assert step == 3
+    # the signal comes as batch 5 starts, mid-accumulation (2 batches a step): the run finishes step 3
+    cli = main(args)
+    assert cli.trainer.global_step == 3 and exit_code(cli.trainer) == PREEMPTED_EXIT == 75
     ckpt = torch.load(in_tmp / "runs/checkpoints/stage1/preempted.ckpt", weights_only=False)
-    assert ckpt["global_step"] == step
+    assert ckpt["global_step"] == 3 and ckpt["mpp"]["micro_step"] == 6
+    assert not (in_tmp / "runs/checkpoints/stage1/final.ckpt").exists()  # a partial stage is not final
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@ import os
 
 import lightning as L
 
+from mpp.callbacks.final import training_finished
+from mpp.checkpoints import NonFiniteError, nonfinite_tensors
 from mpp.export import ExportConfig, write_export
 from mpp.nn.lora import lora_metadata
 
@@ -13,7 +15,9 @@ class ExportSafetensors(L.Callback):
     """At the end of training, writes the export (`mpp.export`: the LoRA in diffusers' format, the
     heads and what it takes to rebuild the model without Lightning, read by
     `mpp.export.load_exported`) to `dirpath`. The weights come from the strategy's full state dict,
-    so under FSDP every rank hands its shards to rank 0, which writes the files.
+    so under FSDP every rank hands its shards to rank 0, which writes the files. A run that stopped
+    before its end (preemption) exports nothing: its stage is not final. Non-finite weights are
+    never exported.
 
     Args:
         dirpath: output folder (unset: runs/export/stage{N}, filled in by mpp's CLI).
@@ -23,15 +27,23 @@ class ExportSafetensors(L.Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not training_finished(trainer):
+            log.warning("not exporting: training stopped at step %d before its end (max_steps=%d)",
+                        trainer.global_step, trainer.max_steps)
+            return
         if trainer.is_global_zero:
             log.info("exporting the stage-%d weights to %s", pl_module.stage, self.dirpath)
         state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
         if not trainer.is_global_zero:
             return
+        weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
+        bad = list(nonfinite_tensors(weights))
+        if bad:
+            raise NonFiniteError(f"refusing to export to {self.dirpath}: {len(bad)} weights hold non-finite values, "
+                                 f"e.g. {bad[:5]}")
         hp = pl_module.hparams
         config = ExportConfig(stage=pl_module.stage, backbone=hp.backbone, backbone_subfolder=hp.backbone_subfolder,
                               backbone_dtype=hp.backbone_dtype, heads=pl_module.heads,
                               encoders=pl_module.encoder_settings, guidance=hp.guidance, sampling=pl_module.sampling)
-        weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
         write_export(self.dirpath, weights, config, lora_metadata(pl_module.model.backbone))
         log.info("exported %s to %s", ", ".join(sorted(os.listdir(self.dirpath))), self.dirpath)

@@ -5,9 +5,9 @@ from mpp.layouts import save_generated, write_report
 
 
 class LayoutWriter(BasePredictionWriter):
-    """Writes what `predict` generates: `<id>.png`, `<id>_boxes.png` (boxes coloured by α) and, at the
-    end, `generated.json` (one record per image, the checkpoint, the layouts file and its bad lines)
-    to `dirpath`.
+    """Writes what `predict` generates: `<name>.png`, `<name>_boxes.png` (boxes coloured by α; `name` is
+    the layout id as a safe file name) and, at the end, `generated.json` (one record per image, the
+    checkpoint, the layouts file and its bad lines) to `dirpath`.
 
     Args:
         dirpath: output folder (unset: runs/generated/stage{N}, filled in by mpp's CLI).

@@ -22,11 +22,19 @@ class BadRecord:
 
 class PreparedDataset(Dataset):
     """Map-style dataset over manifest records. A record that fails validation comes back as a
-    `BadRecord` (never raises), so the collate function can drop and report it."""
+    `BadRecord` (never raises), so the collate function can drop and report it.
 
-    def __init__(self, root: str, records: list[dict]):
+    Args:
+        shapes: the shape each embedding must have (`mpp.encoders.stored_shapes`), or None.
+        dtype: the dtype every stored tensor must have (prepare.json's store_dtype), or None
+            (then any floating-point dtype).
+    """
+
+    def __init__(self, root: str, records: list[dict], *, shapes: dict[str, tuple[int, ...]] | None = None,
+                 dtype: torch.dtype | None = None):
         self.root = root
         self.records = records
+        self.shapes, self.dtype = shapes, dtype
 
     def __len__(self) -> int:
         return len(self.records)
@@ -35,13 +43,17 @@ class PreparedDataset(Dataset):
         record = self.records[i]
         try:
             return self._load(record)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
             return BadRecord(record["id"], f"{type(e).__name__}: {e}")
 
     def _load(self, record: dict) -> dict:
         sid = record["id"]
         with open(sample_path(self.root, "caption", sid)) as f:
             caption = json.load(f)
+        if not (isinstance(caption, dict) and isinstance(caption.get("instances"), list)
+                and all(isinstance(i, dict) and "bbox" in i for i in caption["instances"])):
+            raise ValueError(f"caption JSON must be an object whose 'instances' is a list of objects with a 'bbox', "
+                             f"got {type(caption).__name__}")
         latents = load_file(sample_path(self.root, "latents", sid))["latents"]
         clip = load_file(sample_path(self.root, "clip", sid))["embeds"]
         dino = load_file(sample_path(self.root, "dino", sid))["embeds"]
@@ -54,7 +66,7 @@ class PreparedDataset(Dataset):
             "clip_embeds": clip, "dino_embeds": dino, "instance_text": text["instance_embeds"],
             "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
         }
-        validate_sample(sample, n=n, latent_shape=record["latent_shape"])
+        validate_sample(sample, n=n, latent_shape=record["latent_shape"], shapes=self.shapes, dtype=self.dtype)
         return sample
 
 
@@ -65,9 +77,20 @@ def instance_roles(instances: list[dict]) -> Tensor:
                          else (1.0 if inst.get("reference") else -1.0) for inst in instances], dtype=torch.float32)
 
 
-def validate_sample(sample: dict, *, n: int, latent_shape: list[int]) -> None:
-    """Raises ValueError naming what disagrees: shapes versus N and the latent grid, boxes outside
-    [0, 1] or without area. Finiteness is checked per batch by `collate`."""
+def validate_sample(sample: dict, *, n: int, latent_shape: list[int], shapes: dict[str, tuple[int, ...]] | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+    """Raises ValueError naming what disagrees: dtypes (floating point; `dtype` when given), shapes
+    versus N, the latent grid and the model's widths (`shapes`), boxes outside [0, 1] or without
+    area. Finiteness is checked per batch by `collate`."""
+    for key, value in sample.items():
+        if isinstance(value, Tensor) and key not in ("boxes", "foreground") and (
+                not value.is_floating_point() or (dtype is not None and value.dtype != dtype)):
+            raise ValueError(f"{key} is {value.dtype}, the dataset stores {dtype or 'floating point'}")
+    for key, shape in (shapes or {}).items():
+        got = tuple(sample[key].shape[1:] if key in _PADDED else sample[key].shape)
+        if got != tuple(shape):
+            raise ValueError(f"{key} has shape {list(sample[key].shape)}; the model's encoders need "
+                             f"{'N×' if key in _PADDED else ''}{'×'.join(map(str, shape))}")
     if list(sample["latents"].shape) != list(latent_shape):
         raise ValueError(f"latents have shape {list(sample['latents'].shape)}, manifest says {latent_shape}")
     for key in ("boxes", "clip_embeds", "dino_embeds", "instance_text", "foreground"):

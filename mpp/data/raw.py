@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -10,6 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+MAX_UPSCALE = 8  # an image is refused when its shorter side would be enlarged more than this
+MAX_ASPECT = 4  # a warning names an image more elongated than this (its centre crop loses most of it)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -78,9 +84,9 @@ def _read_caption(path: str, sample_id: str) -> dict:
     if not os.path.exists(path):
         raise SampleError(sample_id, f"{path}: missing caption file for sample {sample_id!r}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:  # JSON is UTF-8
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: malformed JSON or not UTF-8
         raise SampleError(sample_id, f"{path}: unreadable caption file ({e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("caption"), str):
         raise SampleError(sample_id, f"{path}: needs a string field 'caption'")
@@ -106,14 +112,21 @@ def load_raw_sample(root: str, sample_id: str, image_path: str, *, resolution: i
                     require_instances: bool = True) -> RawSample:
     """Reads, validates and centre-crops one sample to resolution×resolution.
 
-    Raises SampleError naming the file for an unreadable image, a missing or malformed caption
-    file, a box outside the image or of zero area, an unreadable reference, or (when
-    `require_instances`) an empty instance list.
+    Raises SampleError naming the file for an unreadable image, an image whose shorter side is
+    below resolution / MAX_UPSCALE, a missing or malformed (or not UTF-8) caption file, a box
+    outside the image or of zero area, an unreadable reference, or (when `require_instances`) an
+    empty instance list. Warns about an image more elongated than MAX_ASPECT:1.
     """
     caption_path = os.path.join(root, "captions", f"{sample_id}.json")
     data = _read_caption(caption_path, sample_id)
     image = read_image(image_path, sample_id)
     width, height = image.size
+    if min(width, height) * MAX_UPSCALE < resolution:
+        raise SampleError(sample_id, f"{image_path}: {width}×{height} is too small for resolution {resolution} "
+                                     f"(the shorter side must be at least {-(-resolution // MAX_UPSCALE)} px)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        log.warning("%s: %d×%d is wider than %d:1; the centre crop keeps %.0f%% of it", image_path, width, height,
+                    MAX_ASPECT, 100 * min(width, height) / max(width, height))
     instances = data.get("instances", [])
     if require_instances and not instances:
         raise SampleError(sample_id, f"{caption_path}: empty instance list (data.require_instances is set)")
