@@ -164,7 +164,8 @@ def test_first_run_shows_its_progress_from_any_directory(tmp_path):
     said = [re.match(r"INFO (mpp\.[\w.]+): (.*)", x).groups() for x in err if x.startswith("INFO mpp.")]
     expected = [("mpp.cli", "stage 1: TensorBoard in "), ("mpp.toy.models", "building the toy models in "),
                 ("mpp.toy.models", "toy models ready in "), ("mpp.callbacks.export", "exporting the stage-1 weights"),
-                ("mpp.callbacks.export", "exported config.json, heads.safetensors, lora.safetensors")]
+                ("mpp.callbacks.export", "exported config.json, heads.safetensors, lora_layout_branch.safetensors"),
+                ("mpp.callbacks.final", "stage finished at step 2: ")]
     assert len(said) == len(expected), said
     assert all(n == want_n and m.startswith(want_m)
                for (n, m), (want_n, want_m) in zip(said, expected, strict=True)), said

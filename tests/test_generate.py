@@ -25,7 +25,8 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
                           for i in scene.instances]}
     bad = [{"id": "shot2", "prompt": "x", "instances": [{"bbox": [0, 0, 500, 10]}]},  # outside the image
            {"id": "shot3", "prompt": "x"},  # no boxes
-           {"id": "shot4", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "reference": "nowhere.png"}]}]
+           {"id": "shot4", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "reference": "nowhere.png"}]},
+           {"id": "shot6", "prompt": "x", "instances": [{"bbox": [0.5, 0.5, 1.3, 0.9]}]}]  # a typo, read as pixels
     lines = [bad[0], good, *bad[1:], {**good, "id": "shot5"}]
     (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     flags = [a for a in args[1:]]  # the same configs and flags as the training run
@@ -33,13 +34,22 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
     out = tmp_path / "out"
     assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
-                     "--layouts", "layouts.jsonl", "--out", str(out), "--steps", "2", *overrides]) == 0
+                     "--layouts", "layouts.jsonl", "--out", str(out), "--steps", "2", *overrides]) == 1  # bad lines
     report = json.load(open(out / "generated.json"))
     assert [r["id"] for r in report["images"]] == ["shot1", "shot5"]
-    assert [e.split(":")[1] for e in report["errors"]] == ["1", "3", "4"]
+    assert [e.split(":")[1] for e in report["errors"]] == ["1", "3", "4", "5"]
+    assert "under one pixel" in report["errors"][3]
     for name in ("shot1.png", "shot1_boxes.png", "shot5.png"):
         assert Image.open(out / name).size == (128, 128)
     assert len(report["images"][0]["alpha"]) == len(scene.instances)
+
+    # a file of bad lines only: each reported, the report written, no image, exit code 1
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in bad) + "not json\n")
+    assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
+                     "--layouts", "bad.jsonl", "--out", str(tmp_path / "none"), "--steps", "2", *overrides]) == 1
+    nothing = json.load(open(tmp_path / "none/generated.json"))
+    assert nothing["images"] == [] and len(nothing["errors"]) == 5
+    assert os.listdir(tmp_path / "none") == ["generated.json"]
 
     # `main.py predict` runs the same generation through Lightning: the same images, the same report
     predict = ["predict", *[x for c in configs for x in ("--config", c)], *overrides, f"--ckpt_path={ckpt}",

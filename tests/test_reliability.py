@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from mpp.__main__ import main as mpp_main
 from mpp.callbacks.preemption import PREEMPTED_EXIT
 from mpp.checkpoints import AtomicCheckpointIO, NonFiniteError, is_loadable, latest_checkpoint, load_checkpoint
 from mpp.cli import main
@@ -140,7 +141,7 @@ def test_restarts_leave_no_temporaries_and_at_most_the_configured_checkpoints(in
     """A first run kept every checkpoint (another config); a write was killed, leaving its temporary.
     The restart keeping the last 2 removes the temporary and rotates out what the first run wrote."""
     folder = in_tmp / "runs/checkpoints/stage1"
-    main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=3"))
+    main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=3", "--best_checkpoint.save_top_k=0"))
     assert _names(folder) == ["final.ckpt", "step=0000001.ckpt", "step=0000002.ckpt", "step=0000003.ckpt"]
     (folder / ".tmp-k1ll3dstep=0000004.ckpt").write_bytes(b"half a checkpoint")
     os.unlink(folder / "final.ckpt")  # the first run was killed before its end
@@ -209,8 +210,6 @@ def _files(root):
 
 def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_written(tmp_path, monkeypatch,
                                                                                         toy_models, toy_prepared):
-    from mpp.__main__ import main as mpp_main
-
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -226,8 +225,8 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
     configs = [x for i, a in enumerate(flags) if a == "--config" for x in ("--config", flags[i + 1])]
     overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
     before = _files(tmp_path)
-    assert mpp_main(["generate", *configs, "--ckpt", str(ckpt), "--layouts", "layouts.jsonl", "--out", "out",
-                     "--steps", "1", *overrides]) == 0
+    assert mpp_main(["generate", *configs, "--ckpt_path", str(ckpt), "--layouts", "layouts.jsonl", "--out", "out",
+                     "--steps", "1", *overrides]) == 1  # bad lines: the report says which
     written = _files(tmp_path) - before
     assert all(p.startswith(os.path.join("a", "b", "out") + os.sep) for p in written), written
     report = json.load(open(work / "out/generated.json"))
@@ -244,7 +243,7 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
     # interrupted (Ctrl-C) after its first images: the report still lists what was written, and why it stopped
     (work / "many.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "prompt": "a red square", "instances": box})
                                              + "\n" for i in range(3000)))
-    proc = subprocess.Popen([sys.executable, "-m", "mpp", "generate", *configs, "--ckpt", str(ckpt), "--layouts",
+    proc = subprocess.Popen([sys.executable, "-m", "mpp", "generate", *configs, "--ckpt_path", str(ckpt), "--layouts",
                              "many.jsonl", "--out", "out2", "--steps", "1", *overrides],
                             env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
