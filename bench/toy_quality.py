@@ -86,10 +86,10 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
     os.chdir(workdir)
     try:
         start = time.perf_counter()
-        cli = fit(["fit", *[a for c in CONFIGS for a in ("--config", c)], *paths, *flags,
-                   "--trainer.max_steps=1000000",
+        # the arm's flags and the user's overrides last, so that e.g. --trainer.max_steps reaches the run
+        cli = fit(["fit", *[a for c in CONFIGS for a in ("--config", c)], *paths, "--trainer.max_steps=1000000",
                    f"--trainer.max_time=00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
-                   "--trainer.enable_progress_bar=false"])
+                   "--trainer.enable_progress_bar=false", *flags])
         train_seconds = time.perf_counter() - start
         ckpt = os.path.join(workdir, "runs/checkpoints/stage1/final.ckpt")
         cli.trainer.save_checkpoint(ckpt)
