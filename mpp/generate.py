@@ -58,7 +58,10 @@ def _checkpoint(p: argparse.ArgumentParser, a: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mpp generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="mpp generate", description=__doc__.split("\n")[0],
+        epilog="Any other --key=value is a config override passed to the model, e.g. --model.sampling.steps=8, "
+               "--model.sampling.layout_guidance=3, --model.sampling.shift=3.0 (see `mpp fit --help`).")
     p.add_argument("--config", action="append", required=True, help="stage config and overlays, in order")
     p.add_argument("--ckpt_path", help="a training checkpoint of that stage")
     p.add_argument("--ckpt", help=argparse.SUPPRESS)

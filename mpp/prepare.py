@@ -230,7 +230,7 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    auto_cli({"run": prepare_dataset, "merge": merge_shards}, args=args)
+    auto_cli({"run": prepare_dataset, "merge": merge_shards}, args=args, prog="mpp prepare")
 
 
 if __name__ == "__main__":

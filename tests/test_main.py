@@ -20,3 +20,11 @@ def test_each_command_reaches_its_tool(tool, capsys):
 def test_unknown_command_prints_usage(capsys):
     assert main(["train"]) == 2
     assert "mpp generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, says", [("prepare", "usage: mpp prepare"), ("params", "usage: mpp params"),
+                                        ("generate", "--model.sampling.steps")])
+def test_each_tools_help_names_itself_and_its_pass_through(tool, says, capsys):
+    with pytest.raises(SystemExit):
+        main([tool, "--help"])
+    assert says in capsys.readouterr().out.replace("\n", " ")

@@ -66,7 +66,7 @@ def build_flux_dev(device: str | torch.device = "meta", heads: HeadsConfig | Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="mpp params", description=__doc__)
     parser.add_argument("--lora_rank", type=int, default=128)
     parser.add_argument("--lora_scope", default="layout", choices=["layout", "all"])
     args = parser.parse_args(argv)
