@@ -245,7 +245,9 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
                                              + "\n" for i in range(3000)))
     proc = subprocess.Popen([sys.executable, "-m", "mpp", "generate", *configs, "--ckpt_path", str(ckpt), "--layouts",
                              "many.jsonl", "--out", "out2", "--steps", "1", *overrides],
-                            env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "PYTHONPATH": ROOT}, stderr=subprocess.PIPE, text=True,
+                            # a background job inherits SIGINT ignored; Ctrl-C must reach this one
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (work / "out2/s1_boxes.png").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
