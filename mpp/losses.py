@@ -156,14 +156,20 @@ def identity_crops(x0: Tensor, boxes: Tensor, *, encoders: Encoders, margin: flo
     return torch.cat(out)
 
 
+def _selected_rows(boxes: Tensor, select: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The (sample, instance) indices of the `select`ed (B×N bool) boxes and their K×5 rows of sample
+    index and normalized xyxy, as :func:`identity_crops` takes them."""
+    b_idx, k_idx = select.nonzero(as_tuple=True)
+    return b_idx, k_idx, torch.cat([b_idx[:, None].to(boxes.dtype), boxes[b_idx, k_idx]], dim=-1)
+
+
 def box_embeddings(x0: Tensor, boxes: Tensor, select: Tensor, *, encoders: Encoders, margin: float,
                    blur: float = 0.0) -> Tensor:
     """B×N×D DINOv2 embeddings of the `select`ed (B×N bool) boxes of clean latents `x0`, cropped as
     :func:`identity_crops` does (zeros elsewhere): the identity loss's target taken from the frame."""
-    b_idx, k_idx = select.nonzero(as_tuple=True)
+    b_idx, k_idx, rows = _selected_rows(boxes, select)
     out = x0.new_zeros(*select.shape, encoders.dino.config.hidden_size)
     if len(b_idx):
-        rows = torch.cat([b_idx[:, None].to(boxes.dtype), boxes[b_idx, k_idx]], dim=-1)
         emb = identity_crops(x0, rows, encoders=encoders, margin=margin, gradient_checkpointing=False, blur=blur)
         out[b_idx, k_idx] = emb.to(out.dtype)
     return out
@@ -186,8 +192,7 @@ def identity_loss(x0: Tensor, *, boxes: Tensor, weights: Tensor, reference_dino:
     sel = weights > 0
     if not sel.any():
         return None
-    b_idx, k_idx = sel.nonzero(as_tuple=True)
-    rows = torch.cat([b_idx[:, None].to(boxes.dtype), boxes[b_idx, k_idx]], dim=-1)
+    b_idx, k_idx, rows = _selected_rows(boxes, sel)
     jitter = view_jitter(len(rows), views, generator) if views > 1 else None
     emb = identity_crops(x0, rows, encoders=encoders, margin=margin, gradient_checkpointing=gradient_checkpointing,
                          jitter=jitter, blur=blur)
