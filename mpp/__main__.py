@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None):
     if command in TRAINING:
         cli = importlib.import_module("mpp.cli")
         preemption = importlib.import_module("mpp.callbacks.preemption")
-        return preemption.exit_code(getattr(cli.main(argv), "trainer", None))  # 75: preempted, run again
+        return preemption.exit_code(getattr(cli.main(argv, prog="mpp"), "trainer", None))  # 75: preempted, run again
     print(__doc__.strip(), file=sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

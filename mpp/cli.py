@@ -174,5 +174,7 @@ class MppCLI(LightningCLI):
             raise
 
 
-def main(args: list[str] | None = None) -> MppCLI:
-    return MppCLI(MppModule, MppDataModule, args=args, save_config_kwargs={"overwrite": True})
+def main(args: list[str] | None = None, prog: str | None = None) -> MppCLI:
+    """``prog``: the command name `--help` shows (default: the script's)."""
+    return MppCLI(MppModule, MppDataModule, args=args, save_config_kwargs={"overwrite": True},
+                  parser_kwargs={"prog": prog} if prog else None)

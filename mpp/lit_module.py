@@ -192,19 +192,29 @@ class MppModule(L.LightningModule):
         return {name for name, p in self._named_parameters() if p.requires_grad}
 
     def _load_previous_stage(self, path: str) -> None:
+        """The weights of every group trained up to the previous stage; the groups no stage has trained
+        yet keep this run's fresh initialisation (so a head may change its shape between stages)."""
         ckpt = load_checkpoint(path)
-        previous = STAGE_GROUPS[ckpt["mpp"]["stage"]]
-        expected = {id(p) for g in previous for p in self.model.parameter_groups()[g]}
+        stage = ckpt["mpp"]["stage"]
+        trained = {g for s in STAGE_GROUPS if s <= stage for g in STAGE_GROUPS[s]}
+        expected = {id(p) for g in trained for p in self.model.parameter_groups()[g]}
         expected_keys = {n for n, p in self._named_parameters() if id(p) in expected}
         missing = sorted(expected_keys - set(ckpt["state_dict"]))
         if missing:
-            raise ValueError(f"{path}: stage-{ckpt['mpp']['stage']} checkpoint lacks {len(missing)} weights it "
+            raise ValueError(f"{path}: stage-{stage} checkpoint lacks {len(missing)} weights it "
                              f"trained, e.g. {missing[:5]}")
         unknown = sorted(set(ckpt["state_dict"]) - self.owned_keys())
         if unknown:
             raise ValueError(f"{path}: checkpoint holds {len(unknown)} weights this model lacks, e.g. {unknown[:5]}")
-        self.load_state_dict(ckpt["state_dict"], strict=False)
-        log.info("loaded %d weights of stage %d from %s", len(ckpt["state_dict"]), ckpt["mpp"]["stage"], path)
+        own = {n: p.shape for n, p in self._named_parameters()}
+        state = {k: v for k, v in ckpt["state_dict"].items() if k in expected_keys}
+        changed = [f"{k} {tuple(v.shape)} there, {tuple(own[k])} here" for k, v in state.items()
+                   if v.shape != own[k]]
+        if changed:
+            raise ValueError(f"{path}: the stage-{stage} run had other --model.heads settings; {len(changed)} trained "
+                             f"weights differ in shape, e.g. {changed[:3]}")
+        self.load_state_dict(state, strict=False)
+        log.info("loaded %d weights of stage %d from %s", len(state), stage, path)
 
     # ----- checkpoints: only mpp's own weights, never the backbone ------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

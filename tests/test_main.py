@@ -23,7 +23,8 @@ def test_unknown_command_prints_usage(capsys):
 
 
 @pytest.mark.parametrize("tool, says", [("prepare", "usage: mpp prepare"), ("params", "usage: mpp params"),
-                                        ("generate", "--model.sampling.steps")])
+                                        ("generate", "--model.sampling.steps"), ("fit", "usage: mpp [options] fit"),
+                                        ("predict", "usage: mpp [options] predict")])
 def test_each_tools_help_names_itself_and_its_pass_through(tool, says, capsys):
     with pytest.raises(SystemExit):
         main([tool, "--help"])

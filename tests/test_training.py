@@ -222,3 +222,21 @@ def test_lr_scale_sets_each_groups_rate_and_zero_freezes(in_tmp, toy_models, toy
 def test_lr_scale_errors_name_the_flag(scale, message):
     with pytest.raises(ValueError, match=f"model.lr_scale.*{message}|{message}.*"):
         MppModule(stage=1, lr_scale=scale)
+
+
+def test_a_head_no_stage_trained_yet_may_change_shape_between_stages(tmp_path, monkeypatch, toy_models,
+                                                                      toy_prepared):
+    """Stage 2 starts from stage 1's weights with a gridded modulation head (stage 1 never trained it, so its
+    fresh initialisation stands); a trained head of another shape is refused, naming the setting."""
+    monkeypatch.chdir(tmp_path)
+    main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1"))
+    ckpt = str(tmp_path / "runs/checkpoints/stage1/step=0000001.ckpt")
+    cli = main(fit_args(2, toy_models, toy_prepared, "--trainer.max_steps=1", f"--ckpt_path={ckpt}",
+                        "--model.heads.modulation_grid=2"))
+    assert cli.model.model.modulation.down[0].weight.shape[0] == 4 * cli.model.heads.modulation_rank
+    stage1 = torch.load(ckpt, weights_only=False)["state_dict"]
+    key = next(k for k in stage1 if ".alpha_predictor." in k)
+    assert torch.equal(cli.model.state_dict()[key], stage1[key])
+    with pytest.raises(ValueError, match=r"other --model.heads settings; .*lora"):
+        main(fit_args(2, toy_models, toy_prepared, "--trainer.max_steps=1", f"--ckpt_path={ckpt}",
+                      "--model.heads.lora_rank=3"))

@@ -27,6 +27,7 @@ class HeadsConfig:
         lora_scope: "layout" (inside the layout branch only) or "all" (every block's projections).
         identity_dim: width of the identity code of the modulation head.
         modulation_rank: rank of the per-block AdaLN offsets.
+        modulation_grid: the offsets vary over a G×G map laid over each box (1: one offset per box).
         fourier_freqs: Fourier frequencies of the box embedding.
         modality_dropout: in training, the probability of dropping an instance's reference (and,
             independently, its caption) for the learned null embeddings.
@@ -42,6 +43,7 @@ class HeadsConfig:
     lora_scope: str = "layout"
     identity_dim: int = 256
     modulation_rank: int = 8
+    modulation_grid: int = 1
     fourier_freqs: int = 8
     modality_dropout: float = 0.1
     use_layout_head: bool = True

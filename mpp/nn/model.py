@@ -11,7 +11,7 @@ from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 from .alpha import AlphaPredictor
-from .assemble_attn import InstanceLayout, box_centre_ids, box_mean, build_layout, spread_instances
+from .assemble_attn import InstanceLayout, box_centre_ids, box_mean, build_layout
 from .blocks import AssembleInput, double_block_forward, single_block_forward
 from .config import DEFAULT_GUIDANCE, HeadsConfig
 from .feedback import FeedbackBridge
@@ -96,7 +96,8 @@ class MppFlux(nn.Module):
         )
         self.layout_proj = nn.ModuleList(zero_linear(inner, inner) for _ in range(num_layout if use_layout_head else 0))
         chunks = [6] * len(self.layout_double_blocks) + [3] * len(self.layout_single_blocks)
-        self.modulation = ModulationHead(clip_dim, dino_dim, heads.identity_dim, inner, heads.modulation_rank, chunks)
+        self.modulation = ModulationHead(clip_dim, dino_dim, heads.identity_dim, inner, heads.modulation_rank, chunks,
+                                         heads.modulation_grid)
         self.feedback = FeedbackBridge(inner, heads.identity_dim, max(num_layout - 1, 0), with_token=use_layout_head)
 
         if lora_rank > 0:
@@ -144,10 +145,10 @@ class MppFlux(nn.Module):
         return fn(*args)
 
     def _layout_step(self, kind: str, block: nn.Module, slot: int, img, txt, temb, rope,
-                     layout: InstanceLayout, inst, code, alpha, inst_rope):
+                     layout: InstanceLayout, inst, code, alpha, boxes, inst_rope):
         offsets = assemble = None
         if layout.num_pairs > 0:
-            offsets = spread_instances(self.modulation.offsets(slot, code), layout, alpha).to(img.dtype)
+            offsets = self.modulation.offsets(slot, code, layout, boxes, alpha).to(img.dtype)
             if self.use_layout_head:
                 assemble = AssembleInput(layout, inst, self.layout_proj[slot], inst_rope)
         forward = double_block_forward if kind == "double" else single_block_forward
@@ -209,7 +210,7 @@ class MppFlux(nn.Module):
         layout = build_layout(boxes.float(), mask, gh, gw)
         alpha_out = logit_out = torch.zeros(b, n, device=device)
         has_reference = torch.zeros(b, n, dtype=torch.bool, device=device)
-        inst = code = alpha = inst_rope = None
+        inst = code = alpha = box_p = inst_rope = None
         if layout.num_pairs > 0:
             pb, pk = layout.pair_b, layout.pair_k
             clip_p, dino_p, text_p, box_p, kept = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds,
@@ -236,7 +237,7 @@ class MppFlux(nn.Module):
                     continue
                 txt, img, inst, code, s = self._maybe_checkpoint(
                     self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, alpha,
-                    inst_rope,
+                    box_p, inst_rope,
                 )
                 if s is not None:
                     stats.append(s)

@@ -28,6 +28,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
+from tqdm import tqdm
 
 from mpp.encoders import Encoders
 from mpp.flow import flow_matching_loss, noisy_latents, sample_timesteps
@@ -190,7 +191,8 @@ def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scene
     g = torch.Generator().manual_seed(seed)
     running = None
     train_start = time.perf_counter()
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="toy backbone pretraining", unit="step", mininterval=1.0)
+    for step in bar:
         idx = torch.randint(len(data), (batch_size,), generator=g)
         batch = data.take(idx)
         noise = torch.randn(batch.latents.shape, generator=g)
@@ -204,9 +206,10 @@ def _pretrain(models_dir: Path, *, world, steps, batch_size, lr, seed, num_scene
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             rate = (step + 1) / (time.perf_counter() - train_start)
-            log.info("pretrain step %d/%d  loss %.4f (ema)  held-out %.4f  lr %.2e  %.2f steps/s",
-                     step + 1, steps, running, _heldout_loss(transformer, heldout, eval_noise, eval_t),
-                     scheduler.get_last_lr()[0], rate)
+            held_out = _heldout_loss(transformer, heldout, eval_noise, eval_t)
+            bar.set_postfix(loss=f"{running:.4f}", held_out=f"{held_out:.4f}")
+            log.debug("pretrain step %d/%d  loss %.4f (ema)  held-out %.4f  lr %.2e  %.2f steps/s",
+                      step + 1, steps, running, held_out, scheduler.get_last_lr()[0], rate)
 
     final_loss = _heldout_loss(transformer, heldout, eval_noise, eval_t)
     transformer.eval().requires_grad_(False)

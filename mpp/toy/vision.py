@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .scenes import (
     IDENTITY_COLORS,
@@ -147,7 +148,8 @@ def _train(embedder: _Embedder, pool: Tensor, labels: Tensor, *, steps: int, bat
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     combos = combo_index(labels)
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f"toy {name} pretraining", unit="step", mininterval=1.0)
+    for step in bar:
         idx = torch.randint(len(pool), (batch_size,), generator=g)
         e = embedder(pool[idx])
         logits = F.normalize(e, dim=-1) @ F.normalize(heads["combo"].weight, dim=-1).T / 0.1
@@ -160,7 +162,8 @@ def _train(embedder: _Embedder, pool: Tensor, labels: Tensor, *, steps: int, bat
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            log.info("toy %s pretraining step %d/%d  loss %.3f", name, step + 1, steps, loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.debug("toy %s pretraining step %d/%d  loss %.3f", name, step + 1, steps, loss.item())
     embedder.model.eval().requires_grad_(False)
 
 

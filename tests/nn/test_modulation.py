@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import mpp.nn.model as model_mod
+from mpp.nn.assemble_attn import build_layout
 from mpp.nn.blocks import double_block_forward, single_block_forward
+from mpp.nn.modulation import ModulationHead, box_coordinates
 from mpp.nn.packing import box_token_mask
 from tests.helpers import make_inputs, plain_forward, randomize
 
@@ -100,3 +102,87 @@ def test_model_offsets_only_inside_boxes(make_model, monkeypatch):
         assert (off[~inside] == 0).all()
         assert (off[inside].abs().sum(-1) > 0).all()
     assert (out.velocity - ref).abs().max() > 1e-4  # the modulation reaches the output
+
+
+def _head_and_layout(grid: int, seed: int = 0):
+    """A modulation head with random (non-zero) up weights and a layout of three overlapping boxes on an
+    8×8 grid (two in sample 0, one in sample 1)."""
+    torch.manual_seed(seed)
+    head = ModulationHead(clip_dim=6, dino_dim=5, identity_dim=7, inner_dim=4, rank=3, chunks_per_block=[2],
+                          grid=grid)
+    for p in head.up.parameters():
+        torch.nn.init.normal_(p)
+    boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.9], [0.4, 0.0, 1.0, 0.5]], [[0.0, 0.3, 0.7, 0.7], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    layout = build_layout(boxes, mask, 8, 8)
+    code = torch.randn(layout.num_pairs, 7)
+    alpha = torch.tensor([0.3, 0.9, 0.6])
+    return head, layout, boxes[layout.pair_b, layout.pair_k], code, alpha
+
+
+def _bilinear(grid_map, fx, fy):
+    """The value of an r×G×G map at box fractions (fx, fy), cell centres at (i + ½)/G, clamped at the edge."""
+    g = grid_map.shape[-1]
+    gx, gy = min(max(fx * g - 0.5, 0.0), g - 1.0), min(max(fy * g - 0.5, 0.0), g - 1.0)
+    x0, y0 = int(gx), int(gy)
+    x1, y1 = min(x0 + 1, g - 1), min(y0 + 1, g - 1)
+    wx, wy = gx - x0, gy - y0
+    return ((1 - wy) * ((1 - wx) * grid_map[:, y0, x0] + wx * grid_map[:, y0, x1])
+            + wy * ((1 - wx) * grid_map[:, y1, x0] + wx * grid_map[:, y1, x1]))
+
+
+@pytest.mark.parametrize("grid", [1, 3])
+def test_offsets_match_a_per_token_loop(grid):
+    """Every token's offset is the α-weighted mean over its boxes of up(map read at the token's place in
+    the box): a loop over tokens and boxes, against the vectorized head (grid 1: one value per box)."""
+    head, layout, boxes, code, alpha = _head_and_layout(grid)
+    with torch.no_grad():
+        out = head.offsets(0, code, layout, boxes, alpha)
+        maps = head.down[0](code).view(-1, 3, grid, grid)
+        ref = torch.zeros_like(out)
+        gh, gw = layout.grid
+        for s in range(gh * gw):
+            r, c = divmod(s, gw)
+            for b in range(out.shape[0]):
+                pairs = [p for p in range(layout.num_pairs) if layout.pair_b[p] == b
+                         and layout.member[b, layout.pair_k[p], s]]
+                for p in pairs:
+                    x0, y0, x1, y1 = boxes[p].tolist()
+                    value = _bilinear(maps[p], ((c + 0.5) / gw - x0) / (x1 - x0), ((r + 0.5) / gh - y0) / (y1 - y0))
+                    ref[b, s] += alpha[p] * head.up[0](value) / len(pairs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    outside = ~layout.member.any(1)
+    assert (out[outside] == 0).all() and outside.any()
+
+
+def test_a_grid_varies_inside_the_box_and_grid_one_does_not():
+    for grid, varies in ((1, False), (4, True)):
+        head, layout, boxes, code, alpha = _head_and_layout(grid, seed=1)
+        with torch.no_grad():
+            out = head.offsets(0, code, layout, boxes, alpha)
+        only_box = layout.member[1, 0] & ~layout.member[1, 1]  # sample 1 has one box
+        spread = out[1, only_box].std(0).max()
+        assert (spread > 1e-3) == varies, (grid, spread)
+
+
+def test_a_flat_map_equals_one_offset_per_box():
+    """Reading a map that is the same in every cell gives grid 1's offsets: the grid only adds where."""
+    flat, layout, boxes, code, alpha = _head_and_layout(1)
+    gridded = ModulationHead(6, 5, 7, 4, 3, [2], grid=4)
+    gridded.load_state_dict({k: v for k, v in flat.state_dict().items() if not k.startswith("down")}, strict=False)
+    with torch.no_grad():
+        gridded.down[0].weight.copy_(flat.down[0].weight.repeat_interleave(16, dim=0))
+        torch.testing.assert_close(gridded.offsets(0, code, layout, boxes, alpha),
+                                   flat.offsets(0, code, layout, boxes, alpha), atol=1e-6, rtol=1e-6)
+
+
+def test_box_coordinates_put_the_box_edges_at_minus_and_plus_one():
+    where = box_coordinates(torch.tensor([[0.0, 0.25, 0.5, 0.75]]), 4, 4)  # 4×4 grid, token centres at k/4 + 1/8
+    assert where.shape == (1, 16, 2)
+    assert where[0, 0].tolist() == [-0.5, -1.5]  # token (0, 0): a quarter into the box's width, above it
+    assert where[0, 1 * 4 + 1].tolist() == [0.5, -0.5]  # token (1, 1): three quarters across, a quarter down
+
+
+def test_modulation_grid_below_one_names_the_flag():
+    with pytest.raises(ValueError, match="heads.modulation_grid"):
+        ModulationHead(6, 5, 7, 4, 3, [2], grid=0)

@@ -11,7 +11,7 @@ def _copy(bundle, dst):
     return dst
 
 
-def test_pretrain_lowers_loss_deterministic_and_loads(toy_models, tmp_path):
+def test_pretrain_lowers_loss_deterministic_and_loads(toy_models, tmp_path, capsys):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
@@ -24,6 +24,7 @@ def test_pretrain_lowers_loss_deterministic_and_loads(toy_models, tmp_path):
     runs = [_copy(toy_models, tmp_path / name) for name in ("a", "b")]
     results = [pretrain_toy_backbone(r, **kwargs) for r in runs]
     res = results[0]
+    assert "toy backbone pretraining" in capsys.readouterr().err  # the progress bar
     assert res["steps"] == 30 and res["seconds"] > 0
     assert res["final_loss"] < res["initial_loss"] - 0.1, res
     assert {k: v for k, v in results[1].items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}

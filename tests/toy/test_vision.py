@@ -29,13 +29,15 @@ def codec(toy_models):
     return PatchCodec.from_pretrained(toy_models / "vae")
 
 
-def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_models, codec, tmp_path):
+def test_vision_pretraining_makes_the_encoders_retrieve_characters(toy_models, codec, tmp_path, capsys):
     models = tmp_path / "models"
     shutil.copytree(toy_models, models)
     result = pretrain_vision_encoders(models, codec=codec, steps=150, batch_size=64, pool_size=1024)
     for kind in ("dino", "clip"):
         assert result[kind]["after"] > result[kind]["before"] + 0.05, result
         assert result[kind]["after"] > 5 * result["chance"], result
+    shown = capsys.readouterr().err  # a progress bar per encoder, from the first step
+    assert "toy dino pretraining" in shown and "toy clip pretraining" in shown and "150/150" in shown
     # saved back where the encoders load from
     from transformers import Dinov2Model
 
