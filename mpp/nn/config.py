@@ -31,6 +31,9 @@ class HeadsConfig:
         fourier_freqs: Fourier frequencies of the box embedding.
         modality_dropout: in training, the probability of dropping an instance's reference (and,
             independently, its caption) for the learned null embeddings.
+        referenced_caption_dropout: in training, the probability of dropping the caption of an instance
+            whose reference reached the heads, so that the reference alone carries its appearance (None:
+            ``modality_dropout``).
         use_layout_head: the Assemble-Attn layout branch (False: identity modulation only).
         instance_rope: the instance token takes the RoPE of its box centre (`mpp.nn.assemble_attn`).
         gradient_checkpointing: recompute each block in the backward pass.
@@ -46,6 +49,7 @@ class HeadsConfig:
     modulation_grid: int = 1
     fourier_freqs: int = 8
     modality_dropout: float = 0.1
+    referenced_caption_dropout: float | None = None
     use_layout_head: bool = True
     instance_rope: bool = False
     gradient_checkpointing: bool = False

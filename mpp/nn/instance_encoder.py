@@ -5,7 +5,8 @@ vector is all zeros; it is then replaced by a learned null vector of the same (r
 head sees it, so the alpha predictor, instance encoder and modulation head all use the substituted
 inputs. In training mode the reference (CLIP and DINO together, as generation without a reference
 image lacks both) and the caption of each instance are also dropped independently with probability
-``modality_dropout``.
+``modality_dropout``; the caption of an instance whose reference was kept with ``referenced_caption_dropout``
+(when set), so that the reference alone has to carry the appearance of those instances.
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ def fourier_features(boxes: Tensor, num_freqs: int) -> Tensor:
 
 
 class NullEmbeddings(nn.Module):
-    def __init__(self, clip_dim: int, dino_dim: int, text_dim: int, modality_dropout: float = 0.1):
+    def __init__(self, clip_dim: int, dino_dim: int, text_dim: int, modality_dropout: float = 0.1,
+                 referenced_caption_dropout: float | None = None):
         super().__init__()
-        if not 0.0 <= modality_dropout <= 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1], got {modality_dropout}")
+        for name, p in (("modality_dropout", modality_dropout),
+                        ("referenced_caption_dropout", referenced_caption_dropout)):
+            if p is not None and not 0.0 <= p <= 1.0:
+                raise ValueError(f"heads.{name} must be in [0, 1], got {p}")
         self.modality_dropout = modality_dropout
+        self.referenced_caption_dropout = referenced_caption_dropout
         self.clip = nn.Parameter(torch.randn(clip_dim) * 0.02)
         self.dino = nn.Parameter(torch.randn(dino_dim) * 0.02)
         self.text = nn.Parameter(torch.randn(text_dim) * 0.02)
 
-    def _dropped(self, x: Tensor) -> Tensor:
-        if self.training and self.modality_dropout > 0:
-            return torch.rand(x.shape[0], device=x.device) < self.modality_dropout
+    def _dropped(self, x: Tensor, p: float | Tensor) -> Tensor:
+        if self.training:
+            return torch.rand(x.shape[0], device=x.device) < p
         return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
     @staticmethod
@@ -46,10 +51,13 @@ class NullEmbeddings(nn.Module):
     def forward(self, clip: Tensor, dino: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """P×D inputs → the same with missing/dropped rows replaced by the null vectors, and a P bool:
         whether the instance's reference (both image embeddings) reached the heads."""
-        dropped = self._dropped(clip)
+        dropped = self._dropped(clip, self.modality_dropout)
         kept = ~(dropped | (clip == 0).all(dim=-1) | (dino == 0).all(dim=-1))
+        p_text = self.modality_dropout
+        if self.referenced_caption_dropout is not None:
+            p_text = torch.where(kept, self.referenced_caption_dropout, self.modality_dropout)
         return (self._fill(clip, self.clip, dropped), self._fill(dino, self.dino, dropped),
-                self._fill(text, self.text, self._dropped(text)), kept)
+                self._fill(text, self.text, self._dropped(text, p_text)), kept)
 
 
 class InstanceEncoder(nn.Module):

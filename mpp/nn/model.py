@@ -89,7 +89,8 @@ class MppFlux(nn.Module):
         self.backbone = backbone
         backbone.requires_grad_(False)
 
-        self.null_embeddings = NullEmbeddings(clip_dim, dino_dim, text_dim, heads.modality_dropout)
+        self.null_embeddings = NullEmbeddings(clip_dim, dino_dim, text_dim, heads.modality_dropout,
+                                              heads.referenced_caption_dropout)
         self.alpha_predictor = AlphaPredictor(clip_dim, dino_dim)
         self.instance_encoder = (
             InstanceEncoder(clip_dim, dino_dim, text_dim, inner, heads.fourier_freqs) if use_layout_head else None
