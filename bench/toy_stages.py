@@ -4,7 +4,7 @@ optimizer steps (so the figures do not depend on what else runs on the machine).
 
     python bench/toy_stages.py [--steps1 3600] [--steps2 1800] [--steps3 1000] [--control_steps 3600]
                                [--layouts 48] [--eval_seed 1]
-                               [--unseen 8] [--steps 28] [--workdir .cache/bench/toy_stages]
+                               [--unseen 8] [--identities 32] [--steps 28] [--workdir .cache/bench/toy_stages]
                                [--models .cache/toy/models] [-- extra CLI overrides for every arm]
 
 Held-out layouts are scenes of layout seed `--eval_seed` whose characters are `--unseen` colour ×
@@ -63,10 +63,13 @@ LR = "1e-3"
 # Stage 2 on the toy: the modulation head (new, zero-initialised) at LR; what stage 1 trained stays
 # frozen. At ×200 the config's rate, the shared layout parts lost a third of stage 1's placement
 # (docs/decisions.md, "Stages on the toy world"); the real schedule moves them at 5e-6.
-STAGE_FLAGS = {2: ["--model.lr_scale={instance_encoder: 0, layout: 0, lora: 0}"]}
+# The identity term at the configs' weight 10 lets the toy's small DINOv2 be gamed (high-frequency
+# checks it scores close to the target and the judge does not): stages 2 and 3 weigh it 1 on the toy
+# (held-out identity 0.078 at 10, 0.109 at 1, 0.125 at 0; docs/decisions.md).
+TOY_IDENTITY = "--model.loss.dino_identity_weight=1"
+STAGE_FLAGS = {2: ["--model.lr_scale={instance_encoder: 0, layout: 0, lora: 0}", TOY_IDENTITY], 3: [TOY_IDENTITY]}
 with open(TOY) as _f:
-    _toy = yaml.safe_load(_f)["data"]["toy"]
-TRAINING_WORLD = {"seed": _toy["seed"], "num_identities": _toy["num_identities"]}  # the world the arms train on
+    TOY_WORLD = yaml.safe_load(_f)["data"]["toy"]
 CURVES = ("loss/flow_matching", "loss/dino_identity", "metrics/dino_similarity_mean", "metrics/alpha_mean",
           "metrics/alpha_fg_ratio", "metrics/alpha_auc", "loss/alpha_bce", "metrics/feedback_magnitude")
 
@@ -75,9 +78,9 @@ def configs(stage: int) -> list[str]:
     return [os.path.join(ROOT, f"configs/stage{stage}.yaml"), TOY]
 
 
-def unseen_cast(count: int, seed: int) -> list[str]:
-    """`count` characters that the training world never shows, drawn with `seed`."""
-    seen = {i.name for i in ToyWorld(**TRAINING_WORLD).identities}
+def unseen_cast(count: int, seed: int, identities: int) -> list[str]:
+    """`count` characters that the training world (of `identities` characters) never shows, drawn with `seed`."""
+    seen = {i.name for i in ToyWorld(seed=TOY_WORLD["seed"], num_identities=identities).identities}
     rest = [i.name for i in all_identities() if i.name not in seen]
     rng = np.random.default_rng((seed, 0xCA57))
     return sorted(rest[i] for i in rng.choice(len(rest), size=count, replace=False))
@@ -182,6 +185,8 @@ def main() -> None:
     p.add_argument("--layouts", type=int, default=48, help="held-out layouts to generate")
     p.add_argument("--eval_seed", type=int, default=1, help="layout seed of the held-out scenes")
     p.add_argument("--unseen", type=int, default=8, help="unseen characters in the held-out scenes")
+    p.add_argument("--identities", type=int, default=TOY_WORLD["num_identities"],
+                   help="characters in the training world (of 160 combinations)")
     p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_stages"))
     p.add_argument("--models", default=os.path.join(ROOT, ".cache/toy/models"), help="toy model bundle")
@@ -190,9 +195,10 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     root, models = os.path.abspath(a.workdir), os.path.abspath(a.models)
+    a.overrides = [f"--data.toy.num_identities={a.identities}", *a.overrides]
     os.makedirs(root, exist_ok=True)
     start = time.perf_counter()
-    cast = unseen_cast(a.unseen, a.eval_seed)
+    cast = unseen_cast(a.unseen, a.eval_seed, a.identities)
     world = ToyWorld(seed=a.eval_seed, cast=cast)
     layouts_path = os.path.join(root, "layouts.jsonl")
     write_layouts(layouts_path, seed=a.eval_seed, count=a.layouts, world=world)
@@ -224,7 +230,7 @@ def main() -> None:
                                    for name, r in runs.items()},
                       "judge": {"renders": judge_report,
                                 "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
-                      "unseen_cast": cast, "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
+                      "unseen_cast": cast, "identities": a.identities, "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 
 
