@@ -230,7 +230,8 @@ def main() -> None:
                                    for name, r in runs.items()},
                       "judge": {"renders": judge_report,
                                 "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
-                      "unseen_cast": cast, "identities": a.identities, "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
+                      "unseen_cast": cast, "identities": a.identities,
+                      "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 
 
