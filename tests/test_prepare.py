@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import mpp.prepare as prepare_mod
+from mpp.data.buckets import Buckets
 from mpp.data.layout import file_sha256, read_manifest, sample_path
 from mpp.prepare import merge_shards, prepare_dataset
-from mpp.data.buckets import Buckets
 from tests.helpers import TOY_SIZE, WIDE_BUCKETS
 
 

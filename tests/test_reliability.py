@@ -18,8 +18,8 @@ from mpp.__main__ import main as mpp_main
 from mpp.callbacks.preemption import PREEMPTED_EXIT
 from mpp.checkpoints import AtomicCheckpointIO, NonFiniteError, is_loadable, latest_checkpoint, load_checkpoint
 from mpp.cli import main
-from mpp.data.layout import sample_path
 from mpp.data.buckets import bucket_of
+from mpp.data.layout import sample_path
 from mpp.data.sampler import BucketBatchSampler
 from tests.helpers import ROOT, fit_args
 
