@@ -141,7 +141,7 @@ def score(arm: dict, name: str, *, root: str, models: str, layouts_path: str, ju
         raise ValueError(f"bad held-out layouts: {errors}")
     out = os.path.join(root, name, "generated")
     sampling = replace(module.sampling, steps=steps, seed=0)
-    records = generate(module.model, module.encoders, layouts, out, resolution=resolution, sampling=sampling,
+    records = generate(module.model, module.encoders, layouts, out, sampling=sampling,
                        guidance=module.hparams.guidance)
     write_report(out, records, checkpoint=arm["ckpt"], layouts=layouts_path)
     images, scored, references = load_generated(out, layouts_path)

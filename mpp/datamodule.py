@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from mpp.data.buckets import bucket_name, bucket_of
 from mpp.data.dataset import BadRecord, PreparedDataset, packed_collate, unpack
 from mpp.data.layout import FORMAT_VERSION, check_prepare_info, read_manifest, read_prepare_info
-from mpp.data.sampler import ResumableShardSampler
+from mpp.data.sampler import BucketBatchSampler
 from mpp.data.workers import worker_init
 from mpp.encoders import EncoderSettings, parse_dtype, stored_shapes
 from mpp.layouts import read_layouts
@@ -51,14 +52,16 @@ def is_validation(sample_id: str, fraction: float) -> bool:
 
 
 class MppDataModule(L.LightningDataModule):
-    """Streams prepared samples: validated on load, instances padded with a mask, sharded across
-    ranks, resumable mid-epoch.
+    """Streams prepared samples: validated on load, instances padded with a mask, batched within
+    aspect-ratio buckets (`mpp.data.sampler.BucketBatchSampler`), sharded across ranks, resumable
+    mid-epoch.
 
     Args:
         root: the prepared dataset (output of `mpp.prepare`).
         encoders: the encoder settings the dataset must have been prepared with.
-        resolution: the image side the dataset must have been prepared at.
-        batch_size: samples per rank per step.
+        resolution: the resolution the dataset must have been prepared at (its buckets have about
+            resolution² pixels), and the side of a generated square when a layout gives no size.
+        batch_size: samples per rank per step, all of one bucket.
         val_fraction: share of ids held out for validation (by a hash of the id).
         num_workers: DataLoader worker processes.
         pin_memory: pin batches for faster host→GPU copies.
@@ -100,7 +103,7 @@ class MppDataModule(L.LightningDataModule):
         self.bad_records: dict[str, str] = {}
         self._epoch, self._batches = 0, 0
         self._resume: dict | None = None
-        self._sampler: ResumableShardSampler | None = None
+        self._sampler: BucketBatchSampler | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._dtype: torch.dtype | None = None
 
@@ -129,40 +132,52 @@ class MppDataModule(L.LightningDataModule):
         if not self.train_records or not self.val_records:
             raise ValueError(f"{manifest}: {len(self.train_records)} train and {len(self.val_records)} val samples "
                              f"with data.val_fraction={self.val_fraction}; both splits need at least one")
+        self._warn_small_buckets()
+
+    def _warn_small_buckets(self) -> None:
+        """Names the buckets that cannot fill one step's batch on every rank: they never train."""
+        per_step = self.batch_size * self._rank_world()[1]
+        counts: dict[tuple[int, int], int] = {}
+        for r in self.train_records:
+            counts[bucket_of(r)] = counts.get(bucket_of(r), 0) + 1
+        small = {b: n for b, n in counts.items() if n < per_step}
+        if small:
+            log.warning("%s: buckets with fewer training samples than one step takes (%d = data.batch_size × ranks) "
+                        "never train: %s", self.root, per_step,
+                        ", ".join(f"{bucket_name(b)} ({n})" for b, n in sorted(small.items())))
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _loader(self, dataset, sampler, **kw) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=packed_collate,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0,
-                          worker_init_fn=worker_init if self.num_workers > 0 else None, **kw)
+    def _loader(self, records: list[dict], shuffle: bool) -> tuple[DataLoader, BucketBatchSampler]:
+        rank, world = self._rank_world()
+        sampler = BucketBatchSampler([bucket_of(r) for r in records], self.batch_size, rank=rank, num_replicas=world,
+                                     shuffle=shuffle, seed=self.seed)
+        loader = DataLoader(self._dataset(records), batch_sampler=sampler, collate_fn=packed_collate,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            persistent_workers=self.num_workers > 0,
+                            worker_init_fn=worker_init if self.num_workers > 0 else None)
+        return loader, sampler
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        self._sampler = ResumableShardSampler(len(self.train_records), rank=rank, num_replicas=world,
-                                              shuffle=True, seed=self.seed, drop_last=True)
+        loader, self._sampler = self._loader(self.train_records, shuffle=True)
         if self._resume is not None:
             self._sampler.set_epoch(self._resume["epoch"])
-            self._sampler.skip(self._resume["batches"] * self.batch_size, epoch=self._resume["epoch"])
+            self._sampler.skip(self._resume["batches"], epoch=self._resume["epoch"])
             self._epoch, self._batches = self._resume["epoch"], self._resume["batches"]
             self._resume = None
-        return self._loader(self._dataset(self.train_records), self._sampler, drop_last=True)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        sampler = ResumableShardSampler(len(self.val_records), rank=rank, num_replicas=world, shuffle=False,
-                                        drop_last=False)
-        return self._loader(self._dataset(self.val_records), sampler)
+        return self._loader(self.val_records, shuffle=False)[0]
 
     def _dataset(self, records: list[dict]) -> PreparedDataset:
         return PreparedDataset(self.root, records, shapes=self._shapes, dtype=self._dtype)
 
     def predict_dataloader(self) -> DataLoader:
-        """One layout of `predict_file` per step, as {"index", "layout", "resolution"}."""
+        """One layout of `predict_file` per step, as {"index", "layout"} (its size in the layout)."""
         if not self.predict_file:
             raise ValueError("predict needs --data.predict_file: a JSONL of layouts")
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -173,7 +188,7 @@ class MppDataModule(L.LightningDataModule):
         if not layouts:
             raise ValueError(f"--data.predict_file {self.predict_file} has no usable layout "
                              f"({len(self.predict_errors)} bad lines)")
-        items = [{"index": i, "layout": x, "resolution": self.resolution} for i, x in enumerate(layouts)]
+        items = [{"index": i, "layout": x} for i, x in enumerate(layouts)]
         return DataLoader(items, batch_size=None, shuffle=False)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

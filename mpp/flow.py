@@ -5,6 +5,7 @@ Convention (FLUX): x_t = (1 − t)·x0 + t·ε, the model predicts v = ε − x0
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -12,11 +13,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 TIMESTEP_SAMPLERS = ("logit_normal", "uniform")
+# FLUX.1's scheduler config (FluxPipeline's calculate_shift): mu linear in the image token count
+BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     """Resolution shift of SD3/FLUX: more steps at high noise for shift > 1."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(image_tokens: int) -> float:
+    """FLUX's resolution-dependent shift for an image of `image_tokens` packed tokens, as FluxPipeline
+    computes it: mu = calculate_shift(tokens), 0.5 at 256 tokens to 1.15 at 4096 (linear, extrapolated
+    beyond), and the scheduler's exponential time shift with mu, which is `shift_timesteps` with
+    shift = e^mu (3.16 at 1024×1024, 1.60 at the toy's 128×128)."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    return math.exp(BASE_SHIFT + slope * (image_tokens - BASE_SEQ_LEN))
+
+
+def shift_for(latent_hw: tuple[int, int], shift: float | None, by_tokens: bool) -> float | None:
+    """The timestep shift of latents of size h×w: FLUX's `resolution_shift` of their token count
+    ((h/2)·(w/2)) when `by_tokens`, else the fixed `shift` (None: none)."""
+    if by_tokens:
+        return resolution_shift((latent_hw[0] // 2) * (latent_hw[1] // 2))
+    return shift
 
 
 def sample_timesteps(n: int, *, generator: torch.Generator, sampler: str = "logit_normal", mean: float = 0.0,

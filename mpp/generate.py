@@ -9,9 +9,10 @@ or through Lightning, with the same sampling code (``MppModule.predict_step``, `
 
     python main.py predict --config configs/stage1.yaml --ckpt_path ... --data.predict_file layouts.jsonl
 
-The layouts and report formats are `mpp.layouts`'; sampling is `mpp.sampling`; from what training
-exported, without Lightning, see `mpp.export.load_exported`. A bad line is reported with its number
-and skipped; the good ones are still generated.
+Each layout is generated at its own "width" × "height" (pixels, multiples of 16), else the
+data.resolution square. The layouts and report formats are `mpp.layouts`'; sampling is
+`mpp.sampling`; from what training exported, without Lightning, see `mpp.export.load_exported`. A
+bad line is reported with its number and skipped; the good ones are still generated.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling = replace(module.sampling, steps=a.steps or module.sampling.steps, seed=a.seed)
     records: list[dict] = []
     try:
-        generate(module.model, module.encoders, layouts, a.out, resolution=resolution, sampling=sampling,
-                 guidance=module.hparams.guidance, records=records)
+        generate(module.model, module.encoders, layouts, a.out, sampling=sampling, guidance=module.hparams.guidance,
+                 records=records)
     except BaseException as e:
         errors.append(f"stopped after {len(records)} of {len(layouts)} layouts: {type(e).__name__}: {e}")
         raise

@@ -1,10 +1,12 @@
 """The layouts JSONL that generation reads and the report it writes, with their readers.
 
-Each JSONL line: {"id": "shot_12"?, "prompt": "...", "instances": [{"bbox": [x0, y0, x1, y1],
-"caption": "...", "reference": "refs/actor.png"?}]}. Boxes whose values all lie in [0, 1] are
-normalized; otherwise they are pixels of the generated image (data.resolution square). References
-are relative to the JSONL's folder. A line without an id is `line<N>` (N its 1-based number, five
-digits).
+Each JSONL line: {"id": "shot_12"?, "prompt": "...", "width": 1584?, "height": 656?, "instances":
+[{"bbox": [x0, y0, x1, y1], "caption": "...", "reference": "refs/actor.png"?}]}. `width` and
+`height` (both or neither) are the generated image's size in pixels, multiples of 16 (VAE
+downsampling × 2×2 packing, `mpp.data.buckets.UNIT`); without them it is the data.resolution
+square. Boxes whose values all lie in [0, 1] are normalized; otherwise they are pixels of the
+generated image. References are relative to the JSONL's folder. A line without an id is
+`line<N>` (N its 1-based number, five digits).
 
 A generation writes `<name>.png`, `<name>_boxes.png` (boxes coloured by the predicted α; `name` the
 id made a plain file name, `mpp.filenames.safe_stem`, both in the report) and `generated.json`: the
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mpp.data.buckets import UNIT
 from mpp.data.raw import read_image, to_tensor
 from mpp.encoders import Encoders, crop_boxes
 from mpp.filenames import is_safe_stem, safe_stem
@@ -40,6 +43,8 @@ class Layout:
     captions: list[str]
     references: list[Tensor | None]  # 3×h×w in [-1, 1]
     name: str = ""  # file name stem of its images (mpp.filenames.safe_stem of the id when empty)
+    width: int = 1024  # the generated image's size in pixels
+    height: int = 1024
 
     def __post_init__(self):
         self.name = self.name or safe_stem(self.id, "layout")
@@ -49,10 +54,25 @@ def _layout_id(data: dict, number: int) -> str:
     return str(data["id"]) if data.get("id") not in (None, "") else f"line{number:05d}"
 
 
+def _frame_size(data: dict, resolution: int) -> tuple[int, int]:
+    """The line's (width, height): its own, checked, or the resolution square."""
+    if "width" not in data and "height" not in data:
+        return resolution, resolution
+    size = data.get("width"), data.get("height")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise ValueError(f"'width' and 'height' must both be given as whole pixels, got {size[0]!r} × {size[1]!r}")
+    bad = [f"{k} {v}" for k, v in zip(("width", "height"), size, strict=True) if v <= 0 or v % UNIT]
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} must be a positive multiple of {UNIT} px (VAE downsampling × 2×2 "
+                         "packing)")
+    return size
+
+
 def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout:
     data = json.loads(line)
     if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
         raise ValueError("needs a string field 'prompt'")
+    width, height = _frame_size(data, resolution)
     instances = data.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ValueError("needs a non-empty list 'instances' of boxes")
@@ -65,14 +85,14 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         if not all(math.isfinite(v) for v in box):
             raise ValueError(f"instance {k} bbox {bbox} is not finite")
         if any(v > 1 for v in box):
-            box = [v / resolution for v in box]
-            if (box[2] - box[0]) * resolution < 1 or (box[3] - box[1]) * resolution < 1:
+            box = [v / (width, height)[i % 2] for i, v in enumerate(box)]
+            if (box[2] - box[0]) * width < 1 or (box[3] - box[1]) * height < 1:
                 raise ValueError(f"instance {k} bbox {bbox} read as pixels (a value above 1) is under one pixel "
                                  "wide or high; normalized boxes lie in [0, 1]")
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"instance {k} bbox {bbox} has zero area")
         if min(box) < 0 or max(box) > 1:
-            raise ValueError(f"instance {k} bbox {bbox} lies outside the {resolution}×{resolution} image")
+            raise ValueError(f"instance {k} bbox {bbox} lies outside the {width}×{height} image")
         ref = inst.get("reference")
         if ref is not None:
             path = os.path.join(root, ref)
@@ -84,13 +104,14 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         refs.append(ref)
     sid = _layout_id(data, number)
     return Layout(id=sid, prompt=data["prompt"], boxes=torch.tensor(boxes), captions=captions, references=refs,
-                  name=safe_stem(sid, f"line{number:05d}"))
+                  name=safe_stem(sid, f"line{number:05d}"), width=width, height=height)
 
 
 def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]]:
     """Parses a layouts JSONL; returns the good layouts and one message per bad line ("FILE:N: ...").
-    Reference paths are relative to the JSONL's folder. Each id becomes a safe file name
-    (`Layout.name`); a line whose file name an earlier line already has is a bad line."""
+    A line without a size is a `resolution` square. Reference paths are relative to the JSONL's
+    folder. Each id becomes a safe file name (`Layout.name`); a line whose file name an earlier line
+    already has is a bad line."""
     layouts, errors, first = [], [], {}
     root = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
@@ -145,7 +166,8 @@ def save_generated(pixels: np.ndarray, alpha: Tensor, layout: Layout, seed: int,
     boxes = layout.boxes.cpu()
     Image.fromarray(pixels).save(os.path.join(out_dir, f"{layout.name}.png"))
     Image.fromarray(draw_boxes(pixels, boxes, alpha)).save(os.path.join(out_dir, f"{layout.name}_boxes.png"))
-    return {"id": layout.id, "prompt": layout.prompt, "seed": seed, "boxes": boxes.tolist(),
+    return {"id": layout.id, "prompt": layout.prompt, "seed": seed, "width": pixels.shape[1],
+            "height": pixels.shape[0], "boxes": boxes.tolist(),
             "captions": layout.captions, "alpha": [round(float(a), 4) for a in alpha],
             "image": f"{layout.name}.png", "image_with_boxes": f"{layout.name}_boxes.png"}
 

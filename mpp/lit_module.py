@@ -13,7 +13,7 @@ from torch import Tensor
 from mpp.callbacks import CheckpointHousekeeping, FinalCheckpoint, NonFiniteGuard
 from mpp.checkpoints import load_checkpoint
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
-from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps
+from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps, shift_for
 from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, box_embeddings, identity_loss, identity_weights
 from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, build_backbone, set_trainable
 from mpp.sampling import SamplingConfig, generate_one, sample_latents
@@ -43,6 +43,10 @@ class Loss:
         dino_views: each box is judged as the mean over this many randomly zoomed/shifted views of its
             crop (1: the crop alone), so a pattern that fools the encoder at one framing does not pay.
         alpha_bce_weight: BCE (on the logit) of α toward each instance's role; acts where α trains (stage 1).
+        timestep_sampler, logit_mean, logit_std: the training timesteps' distribution (`mpp.flow.sample_timesteps`).
+        shift: fixed shift of the training timesteps (None: none).
+        resolution_shift: instead of `shift`, FLUX's shift for each batch's image token count
+            (`mpp.flow.resolution_shift`; a batch is one bucket, so one size).
     """
 
     flow_weight: float = 1.0
@@ -64,6 +68,7 @@ class Loss:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float | None = None
+    resolution_shift: bool = False
 
 
 FSDP_WRAPPED = "_fsdp_wrapped_module."
@@ -311,7 +316,8 @@ class MppModule(L.LightningModule):
         noise = torch.randn(x0.shape, generator=g).to(x0)
         cfg = self.loss_cfg
         t = sample_timesteps(x0.shape[0], generator=g, sampler=cfg.timestep_sampler, mean=cfg.logit_mean,
-                             std=cfg.logit_std, shift=cfg.shift).to(x0)
+                             std=cfg.logit_std, shift=shift_for(tuple(x0.shape[-2:]), cfg.shift,
+                                                                cfg.resolution_shift)).to(x0)
         return noise, t
 
     def configure_callbacks(self):
@@ -357,8 +363,8 @@ class MppModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Samples one layout of `data.predict_file` with `sampling` (seed `sampling.seed` + its index);
         `mpp.callbacks.LayoutWriter` writes what this returns."""
-        pixels, alpha, seed = generate_one(self.model, self.encoders, batch["layout"], resolution=batch["resolution"],
-                                           sampling=self.sampling, index=batch["index"], guidance=self.hparams.guidance)
+        pixels, alpha, seed = generate_one(self.model, self.encoders, batch["layout"], sampling=self.sampling,
+                                           index=batch["index"], guidance=self.hparams.guidance)
         return {"layout": batch["layout"], "pixels": pixels, "alpha": alpha, "seed": seed}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -1,7 +1,12 @@
 """Dataset preparation: raw folder → latents, embeddings and a manifest (the toy world's: `mpp toy prepare`).
 
-    python -m mpp.prepare run RAW OUT --resolution 1024 [--num_shards K --shard_index I] [--encoders.flux ...]
+    python -m mpp.prepare run RAW OUT --resolution 1024 [--buckets.aspect_ratios '[1, 1.7778, 2.39]']
+                              [--num_shards K --shard_index I] [--encoders.flux ...]
     python -m mpp.prepare merge OUT
+
+Each image goes to the aspect-ratio bucket nearest its own (`mpp.data.buckets`; `--buckets.aspect_ratios
+'[1]'` prepares squares only); the summary at the end counts the samples per bucket and the instances
+the crops clipped or dropped.
 
 Resumable: a sample whose files exist and match its manifest record is skipped. A sample's
 record is appended (and fsynced) only after all its files are written atomically, so a killed
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +31,7 @@ from safetensors.torch import save
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mpp.data.buckets import Buckets, bucket_name, bucket_of
 from mpp.data.layout import (
     FORMAT_VERSION,
     atomic_write,
@@ -43,10 +50,11 @@ from mpp.encoders import EncoderSettings, Encoders, crop_boxes, parse_dtype
 log = logging.getLogger(__name__)
 
 
-def prepare_info(settings: EncoderSettings, resolution: int, store_dtype: str) -> dict:
-    """What prepare.json records and a training config must agree with."""
+def prepare_info(settings: EncoderSettings, resolution: int, store_dtype: str,
+                 buckets: list[tuple[int, int]]) -> dict:
+    """What prepare.json records (a training config must agree with all but the buckets)."""
     return {"version": FORMAT_VERSION, "resolution": resolution, "encoders": settings.identity(),
-            "store_dtype": store_dtype}
+            "store_dtype": store_dtype, "buckets": [list(b) for b in buckets]}
 
 
 @dataclass
@@ -54,11 +62,35 @@ class PrepareResult:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already done
     errors: list[tuple[str, str]] = field(default_factory=list)  # (id, message)
+    buckets: Counter = field(default_factory=Counter)  # bucket (w, h) → samples of this shard
+    instances: int = 0  # instances kept in this shard's samples
+    clipped: int = 0  # of them, cut by the crop to their bucket
+    dropped: int = 0  # instances that left the frame (not prepared)
+    samples_with_dropped: int = 0
+
+    def count(self, record: dict) -> None:
+        self.buckets[bucket_of(record)] += 1
+        self.instances += record["num_instances"]
+        self.clipped += len(record.get("clipped_instances", []))
+        self.dropped += len(record["dropped_instances"])
+        self.samples_with_dropped += bool(record["dropped_instances"])
+
+    def summary(self) -> str:
+        """One paragraph for people: samples, buckets, and what the crops did to the instances."""
+        total = sum(self.buckets.values())
+        per_bucket = ", ".join(f"{bucket_name(b)}: {n}" for b, n in sorted(self.buckets.items(),
+                                                                          key=lambda x: x[0][0] / x[0][1]))
+        return (f"{total} samples prepared ({len(self.written)} written now, {len(self.skipped)} already done), "
+                f"{len(self.errors)} bad samples skipped\n  buckets: {per_bucket or 'none'}\n"
+                f"  instances: {self.instances} kept ({self.clipped} clipped by the crop), {self.dropped} dropped "
+                f"because the crop left them (almost) outside the frame, in {self.samples_with_dropped} samples")
 
 
 class _RawSamples(Dataset):
-    def __init__(self, root: str, items: list[tuple[str, str]], resolution: int, require_instances: bool):
+    def __init__(self, root: str, items: list[tuple[str, str]], resolution: int, buckets: list[tuple[int, int]],
+                 require_instances: bool):
         self.root, self.items, self.resolution, self.require_instances = root, items, resolution, require_instances
+        self.buckets = buckets
 
     def __len__(self) -> int:
         return len(self.items)
@@ -66,7 +98,7 @@ class _RawSamples(Dataset):
     def __getitem__(self, i: int) -> RawSample | SampleError:
         sample_id, path = self.items[i]
         try:
-            return load_raw_sample(self.root, sample_id, path, resolution=self.resolution,
+            return load_raw_sample(self.root, sample_id, path, resolution=self.resolution, buckets=self.buckets,
                                    require_instances=self.require_instances)
         except SampleError as e:
             return e
@@ -118,16 +150,20 @@ def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) 
     return {
         "id": s.id,
         "width": s.image.shape[2], "height": s.image.shape[1],
+        "bucket": list(s.bucket),
         "source_size": list(s.source_size),
         "latent_shape": list(tensors["latents"]["latents"].shape),
         "num_instances": len(s.instance_captions),
         "dropped_instances": s.dropped,
+        "clipped_instances": s.clipped,
         "files": {kind: hashlib.sha256(data).hexdigest() for kind, data in files.items()},
     }
 
 
 def _claim_prepare_info(output: str, info: dict) -> None:
     existing = read_prepare_info(output)
+    if existing is not None and "buckets" not in existing:  # prepared before buckets: squares only
+        existing = {**existing, "buckets": [[existing.get("resolution"), existing.get("resolution")]]}
     if existing is None:
         atomic_write_json(os.path.join(output, "prepare.json"), info)
     elif set(existing) != set(info) or not all(same_info_value(k, existing[k], v) for k, v in info.items()):
@@ -144,6 +180,7 @@ def prepare_dataset(
     *,
     encoders: EncoderSettings,
     resolution: int = 1024,
+    buckets: Buckets | None = None,
     store_dtype: str = "float16",
     compute_dtype: str = "float32",
     device: str = "cpu",
@@ -157,6 +194,8 @@ def prepare_dataset(
     """Prepares one shard of `source` into `output`. See the module docstring.
 
     Args:
+        resolution: each bucket has about resolution² pixels.
+        buckets: the aspect-ratio buckets (default `Buckets()`: square, 4:3, 16:9, 2.39:1 and portrait twins).
         on_error: "skip" logs a bad sample (naming its file) and goes on; "stop" raises it.
         num_workers: processes that read and validate raw samples while the encoders run.
     """
@@ -166,11 +205,12 @@ def prepare_dataset(
         raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 (VAE factor 8 × 2×2 patches), got {resolution}")
+    sizes = (buckets or Buckets()).resolve(resolution)
     store = parse_dtype(store_dtype, "store_dtype")
     if store not in (torch.float16, torch.bfloat16):
         raise ValueError(f"store_dtype must be float16 or bfloat16, got {store_dtype!r}")
     os.makedirs(output, exist_ok=True)
-    _claim_prepare_info(output, prepare_info(encoders, resolution, store_dtype))
+    _claim_prepare_info(output, prepare_info(encoders, resolution, store_dtype, sizes))
 
     items = list_sample_ids(source)[shard_index::num_shards]
     manifest_path = os.path.join(output, shard_manifest_name(shard_index, num_shards))
@@ -181,12 +221,19 @@ def prepare_dataset(
     wanted = {sid for sid, _ in items}
     kept = [r for sid, r in sorted(done.items()) if sid in wanted and record_is_complete(output, r)]
     result = PrepareResult(skipped=[r["id"] for r in kept])
+    for r in kept:
+        result.count(r)
     write_manifest(manifest_path, kept)
     finished = set(result.skipped)
     todo = [it for it in items if it[0] not in finished]
 
     enc = Encoders(encoders, dtype=parse_dtype(compute_dtype, "compute_dtype"), device=device)
-    loader = DataLoader(_RawSamples(source, todo, resolution, require_instances), batch_size=None,
+    unit = 2 * enc.vae_downsample  # a whole grid of 2×2-packed latent tokens
+    off_grid = [bucket_name(b) for b in sizes if b[0] % unit or b[1] % unit]
+    if off_grid:
+        raise ValueError(f"--buckets: {', '.join(off_grid)} are not multiples of {unit} px (this VAE's "
+                         f"downsampling {enc.vae_downsample} × 2×2 packing)")
+    loader = DataLoader(_RawSamples(source, todo, resolution, sizes, require_instances), batch_size=None,
                         num_workers=num_workers)
     start = time.perf_counter()
     bar = tqdm(loader, total=len(todo), unit="sample", disable=not progress,
@@ -204,10 +251,12 @@ def prepare_dataset(
             manifest.flush()
             os.fsync(manifest.fileno())
             result.written.append(s.id)
+            result.count(record)
             bar.set_postfix(samples_per_s=f"{len(result.written) / (time.perf_counter() - start):.2f}",
                             errors=len(result.errors))
     if result.errors:
         log.warning("%d bad samples skipped:\n%s", len(result.errors), "\n".join(m for _, m in result.errors))
+    log.info("shard %d/%d: %s", shard_index, num_shards, result.summary())
     return result
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mpp.encoders import Encoders
-from mpp.flow import euler_sample
+from mpp.flow import euler_sample, shift_for
 from mpp.layouts import Layout, encode_layout, save_generated
 from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE
 from mpp.viz import to_uint8
@@ -23,13 +23,16 @@ class SamplingConfig:
 
     Args:
         steps: Euler steps from t = 1 to 0.
-        shift: resolution shift of the timesteps (None: none).
+        shift: fixed shift of the timesteps (None: none).
+        resolution_shift: instead of `shift`, FLUX's shift for the generated image's token count
+            (`mpp.flow.resolution_shift`, as FluxPipeline does), so each size gets its own.
         seed: base seed; layout `i` of a generation is sampled from seed + i.
         layout_guidance: classifier-free guidance scale on the layout (1: off); see `sample_latents`.
     """
 
     steps: int = 28
     shift: float | None = 3.0
+    resolution_shift: bool = False
     seed: int = 0
     layout_guidance: float = 1.0
 
@@ -59,17 +62,21 @@ def sample_latents(model, batch: dict, noise: Tensor, sampling: SamplingConfig, 
                       **cond).velocity.split(n)
         return v0 + scale * (v - v0)
 
-    return euler_sample(velocity, noise, steps=sampling.steps, shift=sampling.shift)
+    shift = shift_for(tuple(noise.shape[-2:]), sampling.shift, sampling.resolution_shift)
+    return euler_sample(velocity, noise, steps=sampling.steps, shift=shift)
 
 
 @torch.no_grad()
-def generate_one(model, encoders: Encoders, layout: Layout, *, resolution: int, sampling: SamplingConfig,
-                 index: int, guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, Tensor, int]:
-    """Samples one layout with `model` (an `mpp.nn.MppFlux`) from seed `sampling.seed + index`.
-    Returns the image (H×W×3 uint8), the predicted α per instance and the seed."""
+def generate_one(model, encoders: Encoders, layout: Layout, *, sampling: SamplingConfig, index: int,
+                 guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, Tensor, int]:
+    """Samples one layout with `model` (an `mpp.nn.MppFlux`) at the layout's width × height from seed
+    `sampling.seed + index`. Returns the image (H×W×3 uint8), the predicted α per instance and the seed."""
     device = next(model.parameters()).device
-    shape = (1, model.backbone.config.in_channels // 4, resolution // encoders.vae_downsample,
-             resolution // encoders.vae_downsample)
+    down = encoders.vae_downsample
+    if layout.width % (2 * down) or layout.height % (2 * down):
+        raise ValueError(f"layout {layout.id!r}: {layout.width}×{layout.height} is not a multiple of {2 * down} px "
+                         f"(this VAE's downsampling {down} × 2×2 packing)")
+    shape = (1, model.backbone.config.in_channels // 4, layout.height // down, layout.width // down)
     model.eval()
     batch = encode_layout(encoders, layout)
     seed = sampling.seed + index
@@ -80,15 +87,13 @@ def generate_one(model, encoders: Encoders, layout: Layout, *, resolution: int, 
     return to_uint8(encoders.decode_latents(latents)[0]), alpha.cpu(), seed
 
 
-def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, resolution: int,
-             sampling: SamplingConfig, guidance: float = DEFAULT_GUIDANCE,
-             records: list[dict] | None = None) -> list[dict]:
-    """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed), writes
+def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, sampling: SamplingConfig,
+             guidance: float = DEFAULT_GUIDANCE, records: list[dict] | None = None) -> list[dict]:
+    """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed) at its size, writes
     `<name>.png` and `<name>_boxes.png` (boxes coloured by the predicted α), returns one record each
     (`mpp.layouts.write_report` writes them), appended to `records` as each image is written when given."""
     records = [] if records is None else records
     for i, layout in enumerate(layouts):
-        pixels, alpha, seed = generate_one(model, encoders, layout, resolution=resolution, sampling=sampling,
-                                           index=i, guidance=guidance)
+        pixels, alpha, seed = generate_one(model, encoders, layout, sampling=sampling, index=i, guidance=guidance)
         records.append(save_generated(pixels, alpha, layout, seed, out_dir))
     return records

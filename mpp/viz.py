@@ -22,18 +22,23 @@ def draw_boxes(image: np.ndarray, boxes: Tensor, alpha: Tensor | None = None, wi
     h, w = image.shape[:2]
     for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         color = FOREGROUND if alpha is not None and float(alpha[k]) > 0.5 else BACKGROUND
-        draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=color, width=width)
+        # whole pixels (PIL truncates floats: 91/176·176 would land on pixel 89)
+        draw.rectangle([round(x0 * w), round(y0 * h), round(x1 * w) - 1, round(y1 * h) - 1], outline=color, width=width)
     return np.asarray(im)
 
 
 def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tiles equally sized H×W×3 images row by row with a white gap."""
-    h, w = rows[0][0].shape[:2]
+    """Tiles H×W×3 images row by row with a white gap; images of other sizes (aspect-ratio buckets)
+    each sit centred in a cell of the largest height and width, on white."""
+    h = max(img.shape[0] for row in rows for img in row)
+    w = max(img.shape[1] for row in rows for img in row)
     cols = max(len(r) for r in rows)
     out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            out[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = img
+            top = pad + i * (h + pad) + (h - img.shape[0]) // 2
+            left = pad + j * (w + pad) + (w - img.shape[1]) // 2
+            out[top : top + img.shape[0], left : left + img.shape[1]] = img
     return out
 
 

@@ -8,8 +8,8 @@ import torch
 from mpp.prepare import prepare_dataset
 from mpp.toy.bundle import toy_encoder_settings
 from mpp.toy.models import build_toy_models
-from mpp.toy.scenes import ToyWorld
-from tests.helpers import TOY_SIZE
+from mpp.toy.scenes import ToyWorld, frames_for
+from tests.helpers import TOY_SIZE, WIDE_BUCKETS, WIDE_RATIOS
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,6 +58,25 @@ def toy_prepared(tmp_path_factory, toy_raw, toy_settings):
     out = str(tmp_path_factory.mktemp("toy_prepared"))
     result = prepare_dataset(toy_raw, out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
     assert not result.errors and len(result.written) == 24
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_wide_raw(tmp_path_factory):
+    """A raw folder of 30 toy scenes in square, 16:9 and 2.39:1 frames (not bucket sizes: preparation
+    resizes and crops them)."""
+    root = tmp_path_factory.mktemp("toy_wide_raw")
+    ToyWorld(image_size=TOY_SIZE, seed=0, frames=frames_for(TOY_SIZE, WIDE_RATIOS)).write_raw(str(root), 30)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def toy_wide_prepared(tmp_path_factory, toy_wide_raw, toy_settings):
+    """The widescreen toy dataset, prepared into the buckets 128×128, 176×96 and 192×80 (read-only)."""
+    out = str(tmp_path_factory.mktemp("toy_wide_prepared"))
+    result = prepare_dataset(toy_wide_raw, out, encoders=toy_settings, resolution=TOY_SIZE, buckets=WIDE_BUCKETS,
+                             progress=False)
+    assert not result.errors and len(result.written) == 30 and len(result.buckets) == 3
     return out
 
 

@@ -9,11 +9,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mpp.data.buckets import Buckets
 from mpp.nn import MppFlux, flux_velocity
 from mpp.toy.bundle import toy_encoder_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_SIZE = 128  # the side of the toy world's images in the tests
+WIDE_RATIOS = [1.0, 16 / 9, 2.39]  # the widescreen toy world's frames (tests' toy_wide_* fixtures)
+WIDE_BUCKETS = Buckets(aspect_ratios=WIDE_RATIOS, portrait=False)  # at TOY_SIZE: 128×128, 176×96, 192×80
 
 BOXES = [[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.9], [0.0, 0.0, 0.3, 0.3]]
 

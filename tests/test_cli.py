@@ -163,7 +163,9 @@ def test_first_run_shows_its_progress_from_any_directory(tmp_path):
     err = run.stderr.splitlines()
     said = [re.match(r"INFO (mpp\.[\w.]+): (.*)", x).groups() for x in err if x.startswith("INFO mpp.")]
     expected = [("mpp.cli", "stage 1: TensorBoard in "), ("mpp.toy.models", "building the toy models in "),
-                ("mpp.toy.models", "toy models ready in "), ("mpp.callbacks.export", "exporting the stage-1 weights"),
+                ("mpp.toy.models", "toy models ready in "),
+                ("mpp.prepare", "shard 0/1: 12 samples prepared (12 written now, 0 already done)"),
+                ("mpp.callbacks.export", "exporting the stage-1 weights"),
                 ("mpp.callbacks.export", "exported config.json, heads.safetensors, lora_layout_branch.safetensors"),
                 ("mpp.callbacks.final", "stage finished at step 2: ")]
     assert len(said) == len(expected), said

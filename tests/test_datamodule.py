@@ -6,10 +6,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mpp.data.buckets import bucket_of
 from mpp.data.layout import read_manifest, sample_path
-from mpp.data.sampler import ResumableShardSampler
+from mpp.data.sampler import BucketBatchSampler
 from mpp.datamodule import MppDataModule
 from tests.helpers import TOY_SIZE
+
+# 23 samples in three buckets of 11, 8 and 4
+BUCKETS = ["a"] * 11 + ["b"] * 8 + ["c"] * 4
+BUCKETS = [BUCKETS[(7 * i) % 23] for i in range(23)]  # interleaved
 
 
 def _dm(root, settings, **kw):
@@ -44,21 +49,36 @@ def test_train_val_split_is_disjoint_and_stable(toy_prepared, toy_settings):
     assert {r["id"] for r in dm2.val_records} == val
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_ranks_see_disjoint_samples(world):
-    shares = [list(ResumableShardSampler(23, rank=r, num_replicas=world, seed=5)) for r in range(world)]
-    flat = [i for s in shares for i in s]
-    assert len(flat) == len(set(flat)) == 23 - 23 % world
-    assert len({len(s) for s in shares}) == 1
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_see_disjoint_samples_of_one_bucket_per_step(world):
+    shares = [list(BucketBatchSampler(BUCKETS, 2, rank=r, num_replicas=world, seed=5)) for r in range(world)]
+    flat = [i for s in shares for batch in s for i in batch]
+    per_step = 2 * world
+    assert len(flat) == len(set(flat)) == sum(n - n % per_step for n in (11, 8, 4))  # each bucket's remainder dropped
+    assert len({len(s) for s in shares}) == 1 == len({len(b) for s in shares for b in s})
+    assert len(shares[0]) == len(BucketBatchSampler(BUCKETS, 2, num_replicas=world))
+    for step in zip(*shares, strict=True):  # every rank in the same bucket at every step
+        assert len({BUCKETS[i] for batch in step for i in batch}) == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validation_batches_keep_every_sample_and_one_bucket_each(world):
+    shares = [list(BucketBatchSampler(BUCKETS, 4, rank=r, num_replicas=world, shuffle=False)) for r in range(world)]
+    assert {i for s in shares for b in s for i in b} == set(range(23))
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == len(BucketBatchSampler(
+        BUCKETS, 4, num_replicas=world, shuffle=False))
+    for step in zip(*shares, strict=True):
+        assert len({BUCKETS[i] for batch in step for i in batch}) == 1 and len({len(b) for b in step}) == 1
 
 
 def test_epochs_shuffle_differently_and_reproducibly():
-    s = ResumableShardSampler(50, seed=1)
+    s = BucketBatchSampler(BUCKETS, 2, seed=1)
     first = list(s)
     s.set_epoch(1)
     assert list(s) != first
     s.set_epoch(0)
     assert list(s) == first
+    assert list(BucketBatchSampler(BUCKETS, 2, seed=2)) != first
 
 
 def test_prepared_with_other_settings_is_refused(toy_prepared, toy_settings):
@@ -169,15 +189,45 @@ def test_toy_prepare_data_builds_the_dataset(tmp_path, toy_models):
 
 
 def test_skip_applies_only_to_the_interrupted_epoch():
-    s = ResumableShardSampler(20, seed=3)
+    s = BucketBatchSampler(BUCKETS, 2, seed=3)
     s.set_epoch(2)
     full = list(s)
-    s.skip(6, epoch=2)
-    assert list(s) == full[6:]
+    s.skip(3, epoch=2)
+    assert list(s) == full[3:]
     assert list(s) == full  # once
-    s.skip(20, epoch=2)  # the interrupted epoch had ended: Lightning moves on to the next one
+    s.skip(len(full), epoch=2)  # the interrupted epoch had ended: Lightning moves on to the next one
     s.set_epoch(3)
-    assert len(list(s)) == 20
+    assert len(list(s)) == len(full)
+
+
+def test_a_batch_never_mixes_buckets(toy_wide_prepared, toy_settings):
+    dm = _dm(toy_wide_prepared, toy_settings, batch_size=2)
+    dm.setup("fit")
+    bucket = {r["id"]: bucket_of(r) for r in dm.train_records + dm.val_records}
+    seen = set()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        for raw in loader:
+            batch = dm.on_before_batch_transfer(raw, 0)
+            (size,) = {bucket[i] for i in batch["ids"]}
+            assert batch["latents"].shape[-2:] == (size[1] // 8, size[0] // 8)
+            seen.add(size)
+    assert seen == {(128, 128), (176, 96), (192, 80)}
+
+
+def test_mid_epoch_resume_with_buckets_yields_exactly_the_remaining_batches(toy_wide_prepared, toy_settings,
+                                                                             tmp_path):
+    full = _Recorder()
+    _trainer(tmp_path / "full", max_epochs=2).fit(full, datamodule=_dm(toy_wide_prepared, toy_settings))
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    first = _Recorder()
+    _trainer(tmp_path / "a", max_steps=4, callbacks=[saver]).fit(first,
+                                                                 datamodule=_dm(toy_wide_prepared, toy_settings))
+    second = _Recorder()
+    _trainer(tmp_path / "b", max_epochs=2).fit(second, datamodule=_dm(toy_wide_prepared, toy_settings),
+                                               ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))
+    assert first.seen == full.seen[:8] and second.seen == full.seen[6:]
+    assert len({r["id"] for r in read_manifest(os.path.join(toy_wide_prepared, "manifest.jsonl"))
+                if r["id"] in full.seen and bucket_of(r)[0] > 128}) > 0  # the run crossed buckets
 
 
 def test_pack_round_trips_a_batch(toy_prepared, toy_settings):

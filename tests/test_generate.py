@@ -9,6 +9,7 @@ from PIL import Image
 
 from mpp.__main__ import main as mpp_main
 from mpp.cli import main as cli_main
+from mpp.viz import BACKGROUND, FOREGROUND
 from tests.helpers import fit_args
 
 
@@ -27,7 +28,13 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
            {"id": "shot3", "prompt": "x"},  # no boxes
            {"id": "shot4", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "reference": "nowhere.png"}]},
            {"id": "shot6", "prompt": "x", "instances": [{"bbox": [0.5, 0.5, 1.3, 0.9]}]}]  # a typo, read as pixels
-    lines = [bad[0], good, *bad[1:], {**good, "id": "shot5"}]
+    # 16:9 at the toy's scale (176×96), boxes in its pixels: the scene's boxes moved into the wider frame
+    wide_boxes = [[x0 + 24, y0 * 96 // 128, x1 + 24, y1 * 96 // 128]
+                  for x0, y0, x1, y1 in (i.bbox for i in scene.instances)]
+    wide = {**good, "id": "wide", "width": 176, "height": 96,
+            "instances": [{**inst, "bbox": box} for inst, box in zip(good["instances"], wide_boxes, strict=True)]}
+    odd = {**good, "id": "odd", "width": 180, "height": 96}
+    lines = [bad[0], good, *bad[1:], {**good, "id": "shot5"}, wide, odd]
     (tmp_path / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     flags = [a for a in args[1:]]  # the same configs and flags as the training run
     configs = [flags[i + 1] for i, a in enumerate(flags) if a == "--config"]
@@ -36,12 +43,14 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
                      "--layouts", "layouts.jsonl", "--out", str(out), "--steps", "2", *overrides]) == 1  # bad lines
     report = json.load(open(out / "generated.json"))
-    assert [r["id"] for r in report["images"]] == ["shot1", "shot5"]
-    assert [e.split(":")[1] for e in report["errors"]] == ["1", "3", "4", "5"]
+    assert [r["id"] for r in report["images"]] == ["shot1", "shot5", "wide"]
+    assert [e.split(":")[1] for e in report["errors"]] == ["1", "3", "4", "5", "8"]
     assert "under one pixel" in report["errors"][3]
+    assert "width 180 must be a positive multiple of 16" in report["errors"][4]
     for name in ("shot1.png", "shot1_boxes.png", "shot5.png"):
         assert Image.open(out / name).size == (128, 128)
     assert len(report["images"][0]["alpha"]) == len(scene.instances)
+    _is_where_the_layout_says(out, report["images"][2], wide_boxes, (176, 96))
 
     # a file of bad lines only: each reported, the report written, no image, exit code 1
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in bad) + "not json\n")
@@ -68,6 +77,19 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
         cli_main(no_ckpt)
     with pytest.raises(ValueError, match="--data.predict_file"):
         cli_main([a for a in predict if not a.startswith("--data.predict_file")])
+
+
+def _is_where_the_layout_says(out, record, boxes, size) -> None:
+    """A generated image of `size` whose report and overlay put each box at its layout's pixels."""
+    width, height = size
+    assert Image.open(out / record["image"]).size == size == (record["width"], record["height"])
+    expected = [[x0 / width, y0 / height, x1 / width, y1 / height] for x0, y0, x1, y1 in boxes]
+    np.testing.assert_allclose(record["boxes"], expected, atol=1e-6)
+    overlay = np.asarray(Image.open(out / record["image_with_boxes"]).convert("RGB"))
+    for (x0, y0, x1, y1), a in zip(boxes, record["alpha"], strict=True):
+        colour = FOREGROUND if a > 0.5 else BACKGROUND
+        for x, y in ((x0, y0), (x1 - 1, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)):  # the outline's corners
+            assert tuple(overlay[y, x]) == colour, (x, y)
 
 
 def test_ckpt_is_a_deprecated_name_of_ckpt_path(monkeypatch):

@@ -197,3 +197,11 @@ def test_box_embeddings_are_the_identity_crops_of_the_selected_boxes(toy_encoder
 def test_identity_settings_are_checked(field, value):
     with pytest.raises(ValueError, match=f"model.loss.{field}"):
         Loss(**{field: value})
+
+
+def test_identity_crop_windows_follow_a_widescreen_latent():
+    # a 192×80 image (latent 10×24): x scales with the width, y with the height
+    (window, pixel), = latent_windows(torch.tensor([[0.5, 0.5, 0.75, 1.0]]), latent_hw=(10, 24), downsample=8,
+                                      margin=0.0, context=0)
+    assert window == (12, 5, 18, 10)  # x 96–144 px, y 40–80 px in latent pixels
+    assert pixel == (0, 0, 48, 40)

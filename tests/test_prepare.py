@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 import mpp.prepare as prepare_mod
+from mpp.data.buckets import Buckets
 from mpp.data.layout import file_sha256, read_manifest, sample_path
 from mpp.prepare import merge_shards, prepare_dataset
-from tests.helpers import TOY_SIZE
+from tests.helpers import TOY_SIZE, WIDE_BUCKETS
 
 
 def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settings):
@@ -34,6 +35,35 @@ def test_round_trip_shapes_dtypes_boxes_hashes(toy_prepared, toy_raw, toy_settin
         assert text["prompt_embeds"].shape == (32, 32) and text["pooled_prompt_embeds"].shape == (32,)
         assert text["instance_embeds"].shape == (n, 32)
         assert all(t.dtype == torch.float16 for t in text.values())
+
+
+def test_buckets_are_recorded_and_the_summary_counts_what_the_crops_did(toy_wide_prepared, toy_wide_raw,
+                                                                        toy_settings, tmp_path, caplog):
+    info = json.load(open(os.path.join(toy_wide_prepared, "prepare.json")))
+    assert info["buckets"] == [[128, 128], [176, 96], [192, 80]]
+    records = read_manifest(os.path.join(toy_wide_prepared, "manifest.jsonl"))
+    for r in records:
+        w, h = r["bucket"]
+        assert [r["width"], r["height"]] == [w, h] and r["latent_shape"] == [16, h // 8, w // 8]
+        raw_w, raw_h = r["source_size"]
+        assert (w > h) == (raw_w > raw_h)
+    assert {tuple(r["bucket"]) for r in records} == {(128, 128), (176, 96), (192, 80)}
+
+    # squares only: the 2.39:1 frames lose most of their width, and the instances there are dropped, counted
+    with caplog.at_level("INFO", logger="mpp.prepare"):
+        result = prepare_dataset(toy_wide_raw, str(tmp_path / "square"), encoders=toy_settings, resolution=TOY_SIZE,
+                                 buckets=Buckets(aspect_ratios=[1.0]), progress=False, require_instances=False)
+    squares = read_manifest(str(tmp_path / "square" / "manifest.jsonl"))
+    assert result.dropped == sum(len(r["dropped_instances"]) for r in squares) > 0
+    assert result.clipped == sum(len(r["clipped_instances"]) for r in squares) > 0
+    assert dict(result.buckets) == {(128, 128): 30}
+    assert f"{result.dropped} dropped because the crop left them" in caplog.text and "128×128: 30" in caplog.text
+    wide = prepare_dataset(toy_wide_raw, str(tmp_path / "wide"), encoders=toy_settings, resolution=TOY_SIZE,
+                           buckets=WIDE_BUCKETS, progress=False)
+    assert wide.dropped < result.dropped  # buckets keep what the square crop threw away
+    with pytest.raises(ValueError, match="prepared with other settings"):  # resuming asks for the same buckets
+        prepare_dataset(toy_wide_raw, str(tmp_path / "wide"), encoders=toy_settings, resolution=TOY_SIZE,
+                        progress=False)
 
 
 def test_reference_image_is_embedded_not_the_box_crop(toy_prepared, toy_raw):

@@ -18,8 +18,9 @@ from mpp.__main__ import main as mpp_main
 from mpp.callbacks.preemption import PREEMPTED_EXIT
 from mpp.checkpoints import AtomicCheckpointIO, NonFiniteError, is_loadable, latest_checkpoint, load_checkpoint
 from mpp.cli import main
+from mpp.data.buckets import bucket_of
 from mpp.data.layout import sample_path
-from mpp.data.sampler import ResumableShardSampler
+from mpp.data.sampler import BucketBatchSampler
 from tests.helpers import ROOT, fit_args
 
 
@@ -105,8 +106,8 @@ def _first_batch_of_rank(data, toy_settings, rank):
 
     dm = MppDataModule(data, encoders=toy_settings, resolution=128, batch_size=2, val_fraction=0.2, num_workers=0)
     dm.setup("fit")
-    share = ResumableShardSampler(len(dm.train_records), rank=rank, num_replicas=2, seed=0).indices()
-    return [dm.train_records[i]["id"] for i in share[:2]]
+    share = BucketBatchSampler([bucket_of(r) for r in dm.train_records], 2, rank=rank, num_replicas=2, seed=0)
+    return [dm.train_records[i]["id"] for i in share.batches()[0]]
 
 
 @pytest.mark.slow
@@ -410,7 +411,8 @@ def test_preparation_names_a_non_utf8_caption_and_refuses_tiny_images_and_warns_
     assert sorted(errors) == ids[:3] and sorted(result.written) == ids[3:]
     assert f"captions/{ids[0]}.json" in errors[ids[0]] and "utf-8" in errors[ids[0]]
     assert "1×1 is too small" in errors[ids[1]] and "20000×4 is too small" in errors[ids[2]]
-    assert f"images/{ids[3]}.png: 640×128 is wider than 4:1" in caplog.text
+    assert f"images/{ids[3]}.png: 640×128 has no bucket near its aspect ratio; the crop to 192×80 keeps 48%" \
+        in caplog.text
 
 
 def _children(pid):

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mpp.callbacks import ExportSafetensors
 from mpp.callbacks.preemption import PREEMPTED_EXIT, exit_code
 from mpp.cli import BASE_CONFIG, MppCLI, main
+from mpp.data.layout import read_manifest
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.nn.model import STAGE_GROUPS
@@ -129,6 +130,24 @@ def test_exact_resume(tmp_path, monkeypatch, toy_models, toy_prepared, stop_at):
     assert len(glob.glob(str(tmp_path / "half/runs/logs/*"))) == 1
 
 
+def test_exact_resume_with_buckets(tmp_path, monkeypatch, toy_models, toy_wide_prepared):
+    """Mid-epoch, on the widescreen toy data: batches of 176×96 and 192×80 frames beside squares, the
+    image grid of mixed sizes every 2 steps; the resumed run trains the same batches to the same losses."""
+    (tmp_path / "full").mkdir(), (tmp_path / "half").mkdir()
+    monkeypatch.chdir(tmp_path / "full")
+    full = main(fit_args(1, toy_models, toy_wide_prepared, "--trainer.max_steps=6"))
+    monkeypatch.chdir(tmp_path / "half")
+    first = main(fit_args(1, toy_models, toy_wide_prepared, "--trainer.max_steps=3"))
+    ckpt = tmp_path / "half/runs/checkpoints/stage1/step=0000003.ckpt"
+    resumed = main(fit_args(1, toy_models, toy_wide_prepared, "--trainer.max_steps=6", f"--ckpt_path={ckpt}"))
+    ids, losses = recorder(full).ids, recorder(full).losses
+    assert recorder(first).ids + recorder(resumed).ids == ids and len(recorder(first).ids) == 12  # stopped mid-epoch
+    assert recorder(first).losses + recorder(resumed).losses == losses
+    bucket = {r["id"]: tuple(r["bucket"]) for r in read_manifest(os.path.join(toy_wide_prepared, "manifest.jsonl"))}
+    batches = [{bucket[i] for i in ids[k : k + 2]} for k in range(0, len(ids), 2)]
+    assert all(len(b) == 1 for b in batches) and len(set().union(*batches)) > 1  # one bucket a batch, several buckets
+
+
 def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeypatch, toy_models, toy_prepared, caplog):
     prev_ckpt, prev_state = None, None
     for stage in (1, 2, 3):
@@ -186,18 +205,33 @@ def test_preemption_saves_a_checkpoint_and_stops(in_tmp, toy_models, toy_prepare
     assert not (in_tmp / "runs/checkpoints/stage1/final.ckpt").exists()  # a partial stage is not final
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_see_different_samples(in_tmp, toy_models, toy_prepared):
+def _two_ranks(in_tmp, toy_models, data) -> tuple[dict, dict]:
+    """Two DDP processes train 2 steps on `data`; what each rank's Recorder saw."""
     out = in_tmp / "ranks"
-    args = fit_args(1, toy_models, toy_prepared, "--trainer.strategy=ddp", "--trainer.devices=2",
+    args = fit_args(1, toy_models, data, "--trainer.strategy=ddp", "--trainer.devices=2",
                     "--trainer.max_steps=2", overlays=("tests/conf/fast.yaml", "tests/conf/ranks.yaml"))
     env = {**os.environ, "MPP_RECORD_DIR": str(out), "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], check=True, env=env, timeout=600)
-    r0, r1 = (json.load(open(out / f"rank{r}.json")) for r in (0, 1))
+    return tuple(json.load(open(out / f"rank{r}.json")) for r in (0, 1))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_see_different_samples(in_tmp, toy_models, toy_prepared):
+    r0, r1 = _two_ranks(in_tmp, toy_models, toy_prepared)
     # one epoch: 19 training samples → 9 per rank → 4 batches of 2 → 2 steps at accumulation 2
     assert len(r0["ids"]) == len(r1["ids"]) == 8
     assert not set(r0["ids"]) & set(r1["ids"])
     assert all(len(r["losses"]) == 4 for r in (r0, r1))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_share_each_step_within_one_bucket(in_tmp, toy_models, toy_wide_prepared):
+    r0, r1 = _two_ranks(in_tmp, toy_models, toy_wide_prepared)
+    bucket = {r["id"]: tuple(r["bucket"]) for r in read_manifest(os.path.join(toy_wide_prepared, "manifest.jsonl"))}
+    assert len(r0["ids"]) == len(r1["ids"]) == 8 and not set(r0["ids"]) & set(r1["ids"])
+    for k in range(0, 8, 2):  # batch by batch, both ranks in one bucket
+        assert len({bucket[i] for i in r0["ids"][k : k + 2] + r1["ids"][k : k + 2]}) == 1
+    assert len({bucket[i] for i in r0["ids"]}) > 1
 
 
 def test_lr_scale_sets_each_groups_rate_and_zero_freezes(in_tmp, toy_models, toy_prepared):

@@ -1,4 +1,5 @@
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -9,7 +10,8 @@ from mpp.viz import draw_boxes, grid, to_chw, to_uint8
 class ImageLogger(L.Callback):
     """Every `every_n_steps` optimizer steps, logs to TensorBoard a grid of the first `num_samples`
     validation layouts: ground truth with boxes coloured by α (red foreground, blue background)
-    above the model's own Euler-sampled generations of the same layouts from a fixed seed.
+    above the model's own Euler-sampled generations of the same layouts from a fixed seed. Layouts
+    of different aspect-ratio buckets are sampled bucket by bucket and sit centred in the grid's cells.
 
     Runs under no_grad on rank 0 (on every rank under FSDP, whose forward needs all of them, logging
     on rank 0), restores train mode and leaves the training RNG untouched.
@@ -24,17 +26,36 @@ class ImageLogger(L.Callback):
         self.every_n_steps, self.num_samples, self.steps = every_n_steps, num_samples, steps
         self._last_step = -1
 
-    def _batch(self, trainer: L.Trainer, device: torch.device) -> dict:
+    def _batches(self, trainer: L.Trainer, device: torch.device) -> list[dict]:
+        """The first `num_samples` good validation samples as batches of one latent size each."""
         dataset = trainer.datamodule.val_dataloader().dataset
         items = [dataset[i] for i in range(min(self.num_samples, len(dataset)))]
-        batch = collate([x for x in items if not isinstance(x, BadRecord)])
-        batch.pop("bad")
-        return {k: v.to(device).float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-                v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        groups: dict[tuple, list[dict]] = {}
+        for x in items:
+            if not isinstance(x, BadRecord):
+                groups.setdefault(tuple(x["latents"].shape), []).append(x)
+        batches = []
+        for group in groups.values():
+            batch = collate(group)
+            batch.pop("bad")
+            batches.append({k: v.to(device).float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                            v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        return batches
 
     @torch.no_grad()
     def log_images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        batch = self._batch(trainer, pl_module.device)
+        rows = [[], []]
+        for batch in self._batches(trainer, pl_module.device):
+            truth, generated = self._sample(trainer, pl_module, batch)
+            rows[0] += truth
+            rows[1] += generated
+        if not trainer.is_global_zero or not rows[0]:
+            return
+        trainer.logger.experiment.add_image("images/truth_vs_generated", to_chw(grid(rows)), trainer.global_step)
+
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The ground truth and the generations of one batch, with boxes coloured by α."""
         was_training = pl_module.training
         pl_module.eval()
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
@@ -55,9 +76,7 @@ class ImageLogger(L.Callback):
             boxes, a = batch["boxes"][i][valid].cpu(), alpha[i][valid].cpu()
             rows[0].append(draw_boxes(to_uint8(truth[i]), boxes, a))
             rows[1].append(draw_boxes(to_uint8(images[i]), boxes, a))
-        if not trainer.is_global_zero:
-            return
-        trainer.logger.experiment.add_image("images/truth_vs_generated", to_chw(grid(rows)), trainer.global_step)
+        return rows[0], rows[1]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step % self.every_n_steps == 0:  # the untrained baseline, step 0

@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mpp.data.buckets import bucket_name, fit_to_bucket, nearest_bucket
+
 log = logging.getLogger(__name__)
 
-MAX_UPSCALE = 8  # an image is refused when its shorter side would be enlarged more than this
-MAX_ASPECT = 4  # a warning names an image more elongated than this (its centre crop loses most of it)
+MAX_UPSCALE = 8  # an image is refused when fitting it to its bucket would enlarge it more than this
+MIN_KEPT = 0.75  # a warning names an image whose crop to its bucket keeps less than this share of it
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -31,7 +33,7 @@ class SampleError(ValueError):
 @dataclass
 class RawSample:
     id: str
-    image: Tensor  # 3×R×R in [-1, 1]
+    image: Tensor  # 3×H×W in [-1, 1], H×W its bucket
     caption: str
     boxes: Tensor  # N×4 normalized xyxy in the prepared image
     instance_captions: list[str]
@@ -39,7 +41,9 @@ class RawSample:
     references: list[Tensor | None]  # 3×h×w in [-1, 1], or None: the box crop is the reference
     reference_paths: list[str | None]
     source_size: tuple[int, int]  # (width, height) of the source image
-    dropped: list[int] = field(default_factory=list)  # instances cut away by the centre crop
+    bucket: tuple[int, int] = (0, 0)  # (width, height) of the prepared image
+    dropped: list[int] = field(default_factory=list)  # source instances that left the frame in the crop
+    clipped: list[int] = field(default_factory=list)  # source instances the crop cut but kept
 
 
 def list_sample_ids(root: str) -> list[tuple[str, str]]:
@@ -71,15 +75,6 @@ def to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def _center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, float, float, float]:
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    resized = image.resize((nw, nh), Image.BICUBIC)
-    return resized.crop((left, top, left + resolution, top + resolution)), scale, left, top
-
-
 def _read_caption(path: str, sample_id: str) -> dict:
     if not os.path.exists(path):
         raise SampleError(sample_id, f"{path}: missing caption file for sample {sample_id!r}")
@@ -109,38 +104,46 @@ def _check_box(bbox, k: int, width: int, height: int, path: str, sample_id: str)
 
 
 def load_raw_sample(root: str, sample_id: str, image_path: str, *, resolution: int,
-                    require_instances: bool = True) -> RawSample:
-    """Reads, validates and centre-crops one sample to resolution×resolution.
+                    buckets: list[tuple[int, int]] | None = None, require_instances: bool = True) -> RawSample:
+    """Reads and validates one sample and fits it to the bucket of the nearest aspect ratio
+    (`mpp.data.buckets`; `buckets` None: the resolution×resolution square) with a minimal centre
+    crop. Boxes follow the image; an instance is dropped only when it leaves the frame
+    (`Fit.box`), and a box the crop cuts is clipped and kept.
 
-    Raises SampleError naming the file for an unreadable image, an image whose shorter side is
-    below resolution / MAX_UPSCALE, a missing or malformed (or not UTF-8) caption file, a box
+    Raises SampleError naming the file for an unreadable image, an image that its bucket would
+    enlarge more than MAX_UPSCALE times, a missing or malformed (or not UTF-8) caption file, a box
     outside the image or of zero area, an unreadable reference, or (when `require_instances`) an
-    empty instance list. Warns about an image more elongated than MAX_ASPECT:1.
+    empty instance list. Warns about an image whose crop keeps less than MIN_KEPT of it.
     """
     caption_path = os.path.join(root, "captions", f"{sample_id}.json")
     data = _read_caption(caption_path, sample_id)
     image = read_image(image_path, sample_id)
     width, height = image.size
-    if min(width, height) * MAX_UPSCALE < resolution:
-        raise SampleError(sample_id, f"{image_path}: {width}×{height} is too small for resolution {resolution} "
-                                     f"(the shorter side must be at least {-(-resolution // MAX_UPSCALE)} px)")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        log.warning("%s: %d×%d is wider than %d:1; the centre crop keeps %.0f%% of it", image_path, width, height,
-                    MAX_ASPECT, 100 * min(width, height) / max(width, height))
+    fit = fit_to_bucket(width, height, nearest_bucket(width, height, buckets or [(resolution, resolution)]))
+    if fit.scale > MAX_UPSCALE:
+        raise SampleError(sample_id, f"{image_path}: {width}×{height} is too small for its bucket "
+                                     f"{bucket_name(fit.bucket)} at resolution {resolution} (enlarged "
+                                     f"{fit.scale:.1f}×, at most {MAX_UPSCALE}×)")
+    if fit.kept < MIN_KEPT:
+        log.warning("%s: %d×%d has no bucket near its aspect ratio; the crop to %s keeps %.0f%% of it", image_path,
+                    width, height, bucket_name(fit.bucket), 100 * fit.kept)
     instances = data.get("instances", [])
     if require_instances and not instances:
         raise SampleError(sample_id, f"{caption_path}: empty instance list (data.require_instances is set)")
 
-    cropped, scale, left, top = _center_crop(image, resolution)
-    boxes, captions, foreground, references, ref_paths, dropped = [], [], [], [], [], []
+    (bw, bh), (nw, nh) = fit.bucket, fit.resized
+    cropped = image.resize((nw, nh), Image.BICUBIC).crop((fit.left, fit.top, fit.left + bw, fit.top + bh))
+    boxes, captions, foreground, references, ref_paths, dropped, clipped = [], [], [], [], [], [], []
     for k, inst in enumerate(instances):
         if not isinstance(inst, dict):
             raise SampleError(sample_id, f"{caption_path}: instance {k} must be an object")
-        x0, y0, x1, y1 = _check_box(inst.get("bbox"), k, width, height, caption_path, sample_id)
-        box = np.clip([(x0 * scale - left), (y0 * scale - top), (x1 * scale - left), (y1 * scale - top)], 0, resolution)
-        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        placed = fit.box(_check_box(inst.get("bbox"), k, width, height, caption_path, sample_id))
+        if placed is None:
             dropped.append(k)
             continue
+        box, cut = placed
+        if cut:
+            clipped.append(k)
         ref_rel = inst.get("reference")
         ref = None
         if ref_rel is not None:
@@ -149,17 +152,18 @@ def load_raw_sample(root: str, sample_id: str, image_path: str, *, resolution: i
                 raise SampleError(sample_id, f"{caption_path}: instance {k} reference {ref_path} does not exist")
             ref = to_tensor(read_image(ref_path, sample_id))
         fg = inst.get("foreground")
-        boxes.append(box / resolution)
+        boxes.append(box)
         captions.append(str(inst.get("caption", "")))
         foreground.append(None if fg is None else bool(fg))
         references.append(ref)
         ref_paths.append(ref_rel)
     if require_instances and not boxes:
-        raise SampleError(sample_id, f"{caption_path}: every instance lies outside the centre crop at resolution "
-                                     f"{resolution}")
+        raise SampleError(sample_id, f"{caption_path}: every instance leaves the frame in the crop to "
+                                     f"{bucket_name(fit.bucket)}")
     return RawSample(
         id=sample_id, image=to_tensor(cropped), caption=data["caption"],
         boxes=torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
         instance_captions=captions, foreground=foreground, references=references,
-        reference_paths=ref_paths, source_size=(width, height), dropped=dropped,
+        reference_paths=ref_paths, source_size=(width, height), bucket=fit.bucket, dropped=dropped,
+        clipped=clipped,
     )

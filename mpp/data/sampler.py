@@ -1,29 +1,42 @@
-"""A rank-sharded, epoch-seeded sampler that can start mid-epoch."""
+"""A batch sampler that keeps every batch inside one aspect-ratio bucket, sharded by rank,
+seeded per epoch, and able to start mid-epoch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 from torch.utils.data import Sampler
 
 
-class ResumableShardSampler(Sampler[int]):
-    """Each epoch, a permutation seeded by (seed, epoch), cut to a multiple of `num_replicas`
-    (drop_last) or padded by wrapping around, and strided by rank so ranks see disjoint samples.
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of `batch_size` dataset indices, each from one bucket (`buckets[i]` is sample i's).
 
-    `skip(n, epoch)` makes the iteration of that epoch start after the first n indices of this
-    rank's share: that is how a resumed run gets exactly the samples its interrupted epoch had not
-    yet used (and nothing is skipped when the interrupted epoch had ended).
+    With `shuffle` (training), each epoch: a permutation of the samples seeded by (seed, epoch),
+    split by bucket in that order, each bucket cut into global batches of batch_size × num_replicas
+    samples (an incomplete last one is dropped: a different remainder each epoch), and the global
+    batches put in an order drawn from the same generator. Rank r takes the r-th slice of each
+    global batch, so ranks see disjoint samples, take the same number of batches, and are in the
+    same bucket at every step (equal work, no rank waits on a larger frame).
+
+    Without `shuffle` (validation): the samples in order, each bucket padded to a multiple of
+    num_replicas by wrapping around it, cut into global batches (a bucket's last may be smaller),
+    sliced by rank the same way: nothing is dropped and every rank takes the same number of batches.
+
+    `skip(n, epoch)` makes the iteration of that epoch start after this rank's first n batches:
+    that is how a resumed run gets exactly the batches its interrupted epoch had not yet used
+    (and nothing is skipped when the interrupted epoch had ended).
     """
 
-    def __init__(self, num_samples: int, *, rank: int = 0, num_replicas: int = 1, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True):
-        assert 0 <= rank < num_replicas
-        self.num_samples, self.rank, self.num_replicas = num_samples, rank, num_replicas
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+    def __init__(self, buckets: list[Hashable], batch_size: int, *, rank: int = 0, num_replicas: int = 1,
+                 shuffle: bool = True, seed: int = 0):
+        assert 0 <= rank < num_replicas and batch_size >= 1
+        self.buckets, self.batch_size = list(buckets), batch_size
+        self.rank, self.num_replicas, self.shuffle, self.seed = rank, num_replicas, shuffle, seed
         self.epoch = 0
-        self._skip: tuple[int, int] | None = None  # (epoch, samples)
+        self._skip: tuple[int, int] | None = None  # (epoch, batches)
+        self._keys = sorted(set(self.buckets), key=repr)
+        self._counts = [len(m) for m in self._members(list(range(len(self.buckets)))).values()]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -31,28 +44,46 @@ class ResumableShardSampler(Sampler[int]):
     def skip(self, n: int, epoch: int) -> None:
         self._skip = (epoch, n)
 
+    def _members(self, order: list[int]) -> dict[Hashable, list[int]]:
+        members: dict[Hashable, list[int]] = {key: [] for key in self._keys}
+        for i in order:
+            members[self.buckets[i]].append(i)
+        return members
+
+    def global_batches(self) -> list[list[int]]:
+        """The current epoch's global batches (every rank's samples of a step), in order."""
+        per_step = self.batch_size * self.num_replicas
+        if not self.shuffle:
+            out = []
+            for members in self._members(list(range(len(self.buckets)))).values():
+                if members and len(members) % self.num_replicas:
+                    pad = self.num_replicas - len(members) % self.num_replicas
+                    members = members + (members * (pad // len(members) + 1))[:pad]
+                out += [members[i : i + per_step] for i in range(0, len(members), per_step)]
+            return out
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.buckets), generator=g).tolist()
+        out = [members[i : i + per_step] for members in self._members(order).values()
+               for i in range(0, len(members) - per_step + 1, per_step)]
+        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+
+    def batches(self) -> list[list[int]]:
+        """This rank's full share of the current epoch, batch by batch."""
+        out = []
+        for step in self.global_batches():
+            share = len(step) // self.num_replicas
+            out.append(step[self.rank * share : (self.rank + 1) * share])
+        return out
+
     def __len__(self) -> int:
         # the full share even when skipping: a resumed loop counts the skipped batches as done
-        if self.drop_last:
-            return self.num_samples // self.num_replicas
-        return -(-self.num_samples // self.num_replicas)
-
-    def indices(self) -> list[int]:
-        """This rank's full share of the current epoch."""
+        per_step = self.batch_size * self.num_replicas
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        if self.drop_last:
-            order = order[: len(order) - len(order) % self.num_replicas]
-        elif order and len(order) % self.num_replicas:
-            pad = self.num_replicas - len(order) % self.num_replicas
-            order += (order * (pad // len(order) + 1))[:pad]
-        return order[self.rank :: self.num_replicas]
+            return sum(c // per_step for c in self._counts)
+        return sum(-(-(c + (-c) % self.num_replicas) // per_step) for c in self._counts)
 
-    def __iter__(self) -> Iterator[int]:
-        share = self.indices()
+    def __iter__(self) -> Iterator[list[int]]:
+        share = self.batches()
         if self._skip is not None:
             epoch, n = self._skip
             self._skip = None

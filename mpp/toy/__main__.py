@@ -1,4 +1,5 @@
-"""``python -m mpp.toy raw ROOT --num N`` writes toy scenes in the raw format;
+"""``python -m mpp.toy raw ROOT --num N [--aspect-ratios 1 1.7778 2.39]`` writes toy scenes in the raw
+format (square, or in frames of those aspect ratios);
 ``python -m mpp.toy models CACHE_DIR [--pretrain-steps N]`` builds (or reuses) the toy model bundle,
 with its backbone pretrained on toy scenes for N steps (0: random init);
 ``python -m mpp.toy prepare OUT --models_dir DIR [--num_samples N ...]`` builds the bundle and a
@@ -16,7 +17,7 @@ from jsonargparse import auto_cli
 from .models import build_toy_models
 from .prepare import prepare_toy
 from .pretrain import DEFAULT_PRETRAIN_STEPS
-from .scenes import ToyWorld
+from .scenes import ToyWorld, frames_for
 from .vision import VISION_PRETRAIN_STEPS
 
 
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
     raw.add_argument("--num", type=int, default=256)
     raw.add_argument("--start", type=int, default=0)
     raw.add_argument("--seed", type=int, default=0)
+    raw.add_argument("--aspect-ratios", type=float, nargs="+", default=None,
+                     help="frames of these aspect ratios (width / height), one per scene (default: square)")
     models = sub.add_parser("models", help="build the toy model bundle")
     models.add_argument("cache_dir")
     models.add_argument("--seed", type=int, default=0)
@@ -50,7 +53,8 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     if args.cmd == "raw":
-        ids = ToyWorld(seed=args.seed).write_raw(args.root, args.num, start=args.start)
+        frames = None if args.aspect_ratios is None else frames_for(128, args.aspect_ratios)
+        ids = ToyWorld(seed=args.seed, frames=frames).write_raw(args.root, args.num, start=args.start)
         print(f"wrote {len(ids)} scenes to {args.root} in {time.perf_counter() - start:.1f}s")
     else:
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,7 +1,11 @@
 """The toy world's dataset: its models built (cached), its scenes written as a raw dataset and
 prepared beside them. `ToyData` is what the DataModule's `data.toy` option holds.
 
-    mpp toy prepare OUT --models_dir .cache/toy/models --num_samples 512
+    mpp toy prepare OUT --models_dir .cache/toy/models --num_samples 512 [--aspect_ratios '[1, 1.7778, 2.39]']
+
+With several aspect ratios the scenes come in frames of those ratios (`mpp.toy.scenes.frames_for`),
+prepared into one bucket per ratio; the toy models stay those of the square world (their codec and
+backbone pretraining do not change).
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mpp.data.buckets import Buckets
 from mpp.data.layout import atomic_write_json, read_prepare_info, same_info_value
 from mpp.encoders import EncoderSettings
 from mpp.prepare import PrepareResult, prepare_dataset
@@ -19,7 +24,7 @@ from mpp.prepare import PrepareResult, prepare_dataset
 from .bundle import toy_encoder_settings
 from .models import build_toy_models
 from .pretrain import DEFAULT_PRETRAIN_STEPS
-from .scenes import ToyWorld
+from .scenes import ToyWorld, frames_for
 from .vision import VISION_PRETRAIN_STEPS
 
 log = logging.getLogger(__name__)
@@ -28,17 +33,25 @@ log = logging.getLogger(__name__)
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
                 pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, vision_steps: int = 0, num_identities: int = 8,
                 encoders: EncoderSettings | None = None, num_shards: int = 1,
-                shard_index: int = 0, progress: bool = True) -> PrepareResult:
+                shard_index: int = 0, progress: bool = True, aspect_ratios: list[float] | None = None) -> PrepareResult:
     """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
     `pretrain_steps`, the vision encoders to see identity for `vision_steps`) and a toy dataset of a
-    world with `num_identities` characters: raw scenes under output/source, prepared beside them."""
+    world with `num_identities` characters: raw scenes under output/source, in frames of
+    `aspect_ratios` (default square), prepared beside them in one bucket per ratio."""
+    ratios = [float(a) for a in aspect_ratios or [1.0]]
     world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities)
     build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
+    if ratios != [1.0]:
+        world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities,
+                         frames=frames_for(image_size, ratios))
+    buckets = Buckets(aspect_ratios=ratios, portrait=False)
     source = os.path.join(output, "source")
     marker = os.path.join(source, "toy.json")
     wanted = {"num_samples": num_samples, "seed": seed, "image_size": image_size}
     if num_identities != 8:
         wanted["num_identities"] = num_identities
+    if ratios != [1.0]:
+        wanted["aspect_ratios"] = ratios
     if os.path.exists(marker):
         with open(marker) as f:
             existing = json.load(f)
@@ -51,16 +64,18 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
         atomic_write_json(marker, wanted)
     encoders = encoders or toy_encoder_settings(models_dir)
     existing = read_prepare_info(output)
-    if existing is not None and not same_info_value("encoders", existing.get("encoders"), encoders.identity()):
-        # the toy encoders were rebuilt (a new bundle format, another codec fit): the tensors are stale
-        log.warning("%s: toy data was prepared with other toy models; preparing it again", output)
+    sizes = [list(b) for b in buckets.resolve(image_size)]
+    if existing is not None and (not same_info_value("encoders", existing.get("encoders"), encoders.identity())
+                                 or existing.get("buckets") != sizes):
+        # the toy encoders were rebuilt (a new bundle format, another codec fit), or the data was prepared
+        # before buckets: the tensors are stale
+        log.warning("%s: toy data was prepared with other toy models or buckets; preparing it again", output)
         for name in os.listdir(output):
             if name != "source":
                 path = os.path.join(output, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return prepare_dataset(source, output, encoders=encoders,
-                           resolution=image_size, num_shards=num_shards, shard_index=shard_index,
-                           progress=progress)
+    return prepare_dataset(source, output, encoders=encoders, resolution=image_size, buckets=buckets,
+                           num_shards=num_shards, shard_index=shard_index, progress=progress)
 
 
 @dataclass
@@ -79,6 +94,8 @@ class ToyData:
         num_identities: the world's characters (colour × shape × texture combinations; enough of
             them that each attribute is seen in many combinations, so a reference can teach an
             unseen one).
+        aspect_ratios: the frames' aspect ratios (width / height ≥ 1), each scene in one of them and
+            each prepared into its own bucket; `[1.0]` (default): square scenes only.
     """
 
     models_dir: str = ".cache/toy/models"
@@ -88,11 +105,13 @@ class ToyData:
     pretrain_steps: int = DEFAULT_PRETRAIN_STEPS
     vision_steps: int = VISION_PRETRAIN_STEPS
     num_identities: int = 32
+    aspect_ratios: list[float] = field(default_factory=lambda: [1.0])
 
     def prepare(self, root: str, encoders: EncoderSettings) -> None:
         """Builds (or completes) the toy dataset in `root`, encoded with `encoders`."""
         result = prepare_toy(root, models_dir=self.models_dir, num_samples=self.num_samples, seed=self.seed,
                              image_size=self.image_size, pretrain_steps=self.pretrain_steps,
-                             vision_steps=self.vision_steps, num_identities=self.num_identities, encoders=encoders)
+                             vision_steps=self.vision_steps, num_identities=self.num_identities, encoders=encoders,
+                             aspect_ratios=self.aspect_ratios)
         if result.errors:
             raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")

@@ -7,6 +7,10 @@ The characters are drawn from ``identity_seed`` (``seed`` unless given), so held
 same characters come from another ``seed`` with the training world's ``identity_seed``; ``cast``
 names them explicitly instead (e.g. characters no training world shows).
 
+Frames are square (``image_size``²) unless ``frames`` lists (width, height) sizes: each scene then
+takes one of them (drawn from the scene's own generator), e.g. :func:`frames_for` of 16:9 and
+2.39:1 for widescreen footage, so preparation's aspect-ratio buckets have something to sort.
+
 Colour contract (what an evaluator relies on):
 - every instance in a scene has its own main colour (``ToyInstance.color``), drawn exactly (no
   anti-aliasing), and the shapes are drawn to the box extents, so the pixels of that colour fill
@@ -41,6 +45,7 @@ __all__ = [
     "TEXTURES",
     "all_identities",
     "background",
+    "frames_for",
     "identity_from_name",
     "make_identity",
     "paint_identity",
@@ -250,6 +255,12 @@ def background(rng: np.random.Generator, height: int, width: int, textured_prob:
     return image, tone_name
 
 
+def frames_for(image_size: int, aspect_ratios: list[float]) -> list[tuple[int, int]]:
+    """Frame sizes (width, height) of about ``image_size``² pixels at each aspect ratio (width /
+    height), as footage comes: not rounded to any bucket, so preparation resizes and crops them."""
+    return [(round(image_size * a**0.5), round(image_size / a**0.5)) for a in aspect_ratios]
+
+
 # ------------------------------------------------------------------------------------- world
 
 
@@ -270,13 +281,18 @@ class ToyWorld:
         foreground_prob: float = 0.6,
         identity_seed: int | None = None,
         cast: list[str] | None = None,
+        frames: list[tuple[int, int]] | None = None,
     ):
         if not 1 <= num_identities <= len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS):
             raise ValueError(f"num_identities must be in [1, {len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS)}]")
         if not 1 <= min_instances <= max_instances:
             raise ValueError("need 1 <= min_instances <= max_instances")
-        if not 4 <= min_box <= max_box <= image_size:
-            raise ValueError("need 4 <= min_box <= max_box <= image_size")
+        self.frames = None if frames is None else [(int(w), int(h)) for w, h in frames]
+        if self.frames is not None and not self.frames:
+            raise ValueError("frames must list at least one (width, height)")
+        smallest = min(min(f) for f in self.frames) if self.frames else image_size
+        if not 4 <= min_box <= max_box <= smallest:
+            raise ValueError("need 4 <= min_box <= max_box <= the shortest frame side (image_size)")
         self.image_size = int(image_size)
         self.num_identities = int(num_identities)
         self.min_instances = int(min_instances)
@@ -316,6 +332,8 @@ class ToyWorld:
             config["identity_seed"] = self.identity_seed
         if self.cast is not None:
             config["cast"] = list(self.cast)
+        if self.frames is not None:
+            config["frames"] = [list(f) for f in self.frames]
         return config
 
     def __repr__(self) -> str:
@@ -340,16 +358,21 @@ class ToyWorld:
         return out
 
     # ---------------------------------------------------------------- scenes
-    def _background(self, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        return background(rng, self.image_size, self.image_size, self.textured_background_prob)
+    def _frame(self, rng: np.random.Generator) -> tuple[int, int]:
+        """The scene's (width, height); a draw only when there is a choice, so square worlds keep
+        their scenes bit for bit."""
+        if self.frames is None:
+            return self.image_size, self.image_size
+        return self.frames[int(rng.integers(len(self.frames)))] if len(self.frames) > 1 else self.frames[0]
 
-    def _sample_box(self, rng: np.random.Generator, boxes: list) -> tuple[int, int, int, int] | None:
-        n = self.image_size
+    def _sample_box(self, rng: np.random.Generator, boxes: list, frame: tuple[int, int]
+                    ) -> tuple[int, int, int, int] | None:
+        fw, fh = frame
         for _ in range(50):
             w = int(rng.integers(self.min_box, self.max_box + 1))
             h = int(rng.integers(self.min_box, self.max_box + 1))
-            x0 = int(rng.integers(0, n - w + 1))
-            y0 = int(rng.integers(0, n - h + 1))
+            x0 = int(rng.integers(0, fw - w + 1))
+            y0 = int(rng.integers(0, fh - h + 1))
             box = (x0, y0, x0 + w, y0 + h)
             if all(box_iou(box, b) <= 0.3 and _overlap_of_smaller(box, b) <= 0.25 for b in boxes):
                 return box
@@ -360,7 +383,8 @@ class ToyWorld:
         if index < 0:
             raise ValueError("scene index must be >= 0")
         rng = np.random.default_rng((self.seed, int(index)))
-        image, bg_words = self._background(rng)
+        frame = self._frame(rng)
+        image, bg_words = background(rng, frame[1], frame[0], self.textured_background_prob)
         count = int(rng.integers(self.min_instances, self.max_instances + 1))
         ident_order = rng.permutation(len(self.identities))
         elem_order = rng.permutation(len(ELEMENT_KINDS))
@@ -369,7 +393,7 @@ class ToyWorld:
         used_colors: set[Color] = set()
         ni = ne = 0
         for _ in range(count):
-            box = self._sample_box(rng, boxes)
+            box = self._sample_box(rng, boxes, frame)
             if box is None:
                 break
             foreground = bool(rng.random() < self.foreground_prob)

@@ -8,7 +8,8 @@ from diffusers import FluxPipeline
 
 from mpp.nn import HeadsConfig, MppFlux, build_backbone, image_ids, pack_latents, unpack_latents
 from mpp.nn.lora import base_linear, lora_delta
-from tests.helpers import DIMS
+from mpp.nn.packing import box_token_mask
+from tests.helpers import DIMS, make_inputs, plain_forward
 
 
 def test_lora_scope_validation_names_the_argument(tiny_config):
@@ -101,3 +102,23 @@ def test_a_missing_backbone_says_what_is_missing_and_how_to_provide_it(tmp_path)
     with pytest.raises(ValueError, match="not a local folder") as e:
         build_backbone("not a/valid hub id")
     assert "huggingface-cli download" in str(e.value)
+
+
+def test_a_widescreen_grid_packs_ids_and_masks_by_its_own_rows_and_columns():
+    lat = torch.randn(1, 16, 10, 24)  # a 192×80 frame: 5 × 12 tokens
+    torch.testing.assert_close(pack_latents(lat), FluxPipeline._pack_latents(lat, 1, 16, 10, 24), rtol=0, atol=0)
+    assert torch.equal(image_ids(5, 12), FluxPipeline._prepare_latent_image_ids(1, 5, 12, "cpu", torch.float32))
+    # the right half of the top 40 %: token centres x in (0.5, 1], y in [0, 0.4] → rows 0-1, columns 6-11
+    member = box_token_mask(torch.tensor([[[0.5, 0.0, 1.0, 0.4]]]), 5, 12)[0, 0].view(5, 12)
+    expected = torch.zeros(5, 12, dtype=torch.bool)
+    expected[:2, 6:] = True
+    assert torch.equal(member, expected)
+
+
+def test_the_model_at_a_widescreen_size_is_plain_flux_with_zero_heads_and_uses_its_boxes(make_model):
+    model, plain = make_model()
+    inputs = make_inputs(h=10, w=24)
+    with torch.no_grad():
+        out = model(**inputs).velocity
+        torch.testing.assert_close(out, plain_forward(plain, inputs), rtol=1e-5, atol=1e-5)
+        assert out.shape == inputs["latents"].shape

@@ -46,3 +46,14 @@ def test_a_moved_copy_of_models_and_data_is_the_same_dataset(toy_models, tmp_pat
     assert "preparing it again" not in caplog.text
     settings = toy_encoder_settings(str(moved_models))
     MppDataModule(root=str(moved_data), encoders=settings, resolution=128, val_fraction=0.25).setup("fit")
+
+
+def test_a_widescreen_toy_world_is_prepared_into_one_bucket_per_ratio(toy_models, tmp_path):
+    models, data = tmp_path / "models", tmp_path / "data"
+    shutil.copytree(toy_models, models)
+    result = prepare_toy(str(data), models_dir=str(models), num_samples=9, pretrain_steps=0, progress=False,
+                         aspect_ratios=[1.0, 16 / 9, 2.39])
+    assert not result.errors and sum(result.buckets.values()) == 9
+    assert set(result.buckets) <= {(128, 128), (176, 96), (192, 80)} and len(result.buckets) > 1
+    assert json.loads((data / "prepare.json").read_text())["buckets"] == [[128, 128], [176, 96], [192, 80]]
+    assert json.loads((data / "source/toy.json").read_text())["aspect_ratios"] == [1.0, 16 / 9, 2.39]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mpp.evaluate import box_iou, color_mask, mask_box
-from mpp.toy.scenes import BACKGROUND_TONES, ELEMENT_KINDS, IDENTITY_COLORS, ToyWorld
+from mpp.toy.scenes import BACKGROUND_TONES, ELEMENT_KINDS, IDENTITY_COLORS, ToyWorld, frames_for
 
 N_SCENES = 200
 
@@ -176,3 +176,24 @@ def test_cast_names_the_characters_and_round_trips_through_config():
         ToyWorld(cast=["pink_hexagon"])
     with pytest.raises(ValueError, match="distinct"):
         ToyWorld(cast=cast + cast[:1])
+
+
+def test_widescreen_frames_hold_their_boxes_and_square_worlds_are_unchanged():
+    frames = frames_for(128, [1.0, 16 / 9, 2.39])
+    assert frames == [(128, 128), (171, 96), (198, 83)]
+    wide = ToyWorld(seed=0, frames=frames)
+    sizes = set()
+    for i in range(30):
+        scene = wide.scene(i)
+        h, w = scene.image.shape[:2]
+        sizes.add((w, h))
+        for inst in scene.instances:
+            x0, y0, x1, y1 = inst.bbox
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            assert mask_box(color_mask(scene.image, inst.color, tol=1)) is not None
+    assert sizes == set(frames)
+    assert ToyWorld(**wide.config).config == wide.config and "frames" not in ToyWorld(seed=0).config
+    one = ToyWorld(seed=0, frames=[(128, 128)])  # a single frame draws nothing: the square world's scenes
+    assert all(np.array_equal(one.scene(i).image, ToyWorld(seed=0).scene(i).image) for i in range(3))
+    with pytest.raises(ValueError, match="shortest frame side"):
+        ToyWorld(seed=0, frames=[(200, 60)])
