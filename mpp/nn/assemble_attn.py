@@ -7,7 +7,7 @@ runs on those T rows, and attention runs once per *bucket* of pairs with similar
 box therefore never pads seven small boxes to its size (the old single padded call did ~7.5× the exact
 attention work there; ``bench/assemble_attn.py``). The image outputs are scattered back with
 ``index_add_`` and averaged over overlapping boxes (sum / count; tokens outside every box get 0).
-Bucketing needs the boxes' token counts on the host: one sync per forward, in :func:`build_layout`.
+Bucketing needs the boxes' token counts on the host: read once per forward, in :func:`build_layout`.
 
 Projections (the block's own weights, always with the LoRA adapter when there is one):
 
@@ -120,7 +120,8 @@ def plan_buckets(counts: list[int], overhead: int = BUCKET_OVERHEAD) -> list[lis
 def build_layout(boxes: Tensor, instance_mask: Tensor, grid_h: int, grid_w: int,
                  bucket_overhead: int = BUCKET_OVERHEAD) -> InstanceLayout:
     """Precompute the gather/scatter indices and the attention buckets (:func:`plan_buckets` with
-    ``bucket_overhead``) once per forward (one host sync: the boxes' token counts)."""
+    ``bucket_overhead``) once per forward; it reads the valid pairs and their token counts on the host
+    (the syncs of a forward), and builds every other index from those without another."""
     b, n = instance_mask.shape[:2]
     s = grid_h * grid_w
     device = boxes.device
@@ -137,22 +138,28 @@ def build_layout(boxes: Tensor, instance_mask: Tensor, grid_h: int, grid_w: int,
     pair_order = torch.tensor(order, dtype=torch.long, device=device)
     pair_rank = torch.empty_like(pair_order)
     pair_rank[pair_order] = torch.arange(len(order), device=device)
-    # packed entries: pairs in bucket order, each pair's in-box tokens in token order
-    pair_t, token_s = member_p[pair_order].nonzero(as_tuple=True)
-    token_b = pair_b[pair_order][pair_t]
+    # packed entries: pairs in bucket order, each pair's in-box tokens in token order. Every index with a
+    # data-dependent size is built on the host from the counts already read, so nothing below syncs.
+    ordered = [counts[p] for p in order]
+    rows = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(ordered, dtype=torch.long))
+    slots = torch.cat([torch.arange(c) for c in ordered]) if ordered else torch.zeros(0, dtype=torch.long)
+    # stable sort puts each pair's in-box tokens first, in token order
+    in_box_first = torch.argsort((~member_p[pair_order]).to(torch.uint8), dim=-1, stable=True)
+    rows, slots = rows.to(device), slots.to(device)
+    token_s = in_box_first[rows, slots]
+    token_b = pair_b[pair_order][rows]
     buckets, start = [], 0
     for g in groups:
         lengths = [counts[p] for p in g]
         length, total = lengths[0], sum(lengths)
         pos = keep = unpad = None
         if total != length * len(g):
-            lens = torch.tensor(lengths, device=device)
-            offsets = torch.cumsum(lens, 0) - lens
-            slot = torch.arange(length, device=device)
+            lens = torch.tensor(lengths)
+            slot = torch.arange(length)
             valid = slot[None, :] < lens[:, None]
-            pos = torch.where(valid, offsets[:, None] + slot[None, :], torch.zeros_like(valid, dtype=torch.long))
-            keep = torch.cat([valid.new_ones(len(g), 1), valid], 1)[:, None, None, :]
-            unpad = valid.flatten().nonzero().squeeze(1)
+            pos = torch.where(valid, (torch.cumsum(lens, 0) - lens)[:, None] + slot[None, :], 0).to(device)
+            keep = torch.cat([valid.new_ones(len(g), 1), valid], 1)[:, None, None, :].to(device)
+            unpad = valid.flatten().nonzero().squeeze(1).to(device)
         buckets.append(Bucket(pairs=torch.tensor(g, dtype=torch.long, device=device), length=length, start=start,
                               end=start + total, pos=pos, keep=keep, unpad=unpad))
         start += total
