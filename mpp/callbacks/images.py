@@ -63,8 +63,9 @@ class ImageLogger(L.Callback):
             # the training step's precision context: under FSDP mixed precision the blocks hold bf16
             # weights that only autocast reconciles with the float32 heads
             with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
-                half = torch.full((len(batch["ids"]),), 0.5, device=pl_module.device)
-                alpha = pl_module(batch["latents"], half, batch).alpha
+                # α from the heads alone: it does not depend on the latents, so no backbone forward
+                alpha = pl_module.model.instance_alpha(batch["boxes"], batch["instance_mask"], batch["clip_embeds"],
+                                                       batch["dino_embeds"], batch["instance_text"])
                 generated = pl_module.generate(batch, steps=self.steps)
                 truth = pl_module.encoders.decode_latents(batch["latents"])
                 images = pl_module.encoders.decode_latents(generated)

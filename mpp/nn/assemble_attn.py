@@ -1,9 +1,13 @@
 """Assemble-Attn: per-instance attention over [instance token ∥ image tokens inside its box].
 
-Vectorized over batch and instances: the valid (batch, instance) pairs (P of them) are gathered into a
-padded P×(1+M) sequence (M = largest number of tokens in one box) with a key-padding mask, attended in
-ONE ``scaled_dot_product_attention`` call per block, and the image outputs are scattered back with
+Vectorized over batch and instances, with exact work: the in-box tokens of the P valid (batch,
+instance) pairs are packed into one T×… list (T = Σ tokens per box); every linear layer of the branch
+runs on those T rows, and attention runs once per *bucket* of pairs with similar box sizes
+(:func:`plan_buckets`), padded and masked only up to the bucket's longest box. A full-frame background
+box therefore never pads seven small boxes to its size (the old single padded call did ~7.5× the exact
+attention work there; ``bench/assemble_attn.py``). The image outputs are scattered back with
 ``index_add_`` and averaged over overlapping boxes (sum / count; tokens outside every box get 0).
+Bucketing needs the boxes' token counts on the host: read once per forward, in :func:`build_layout`.
 
 Projections (the block's own weights, always with the LoRA adapter when there is one):
 
@@ -36,19 +40,48 @@ from .attention import apply_rope, sdpa, split_heads
 from .lora import add_delta, project
 from .packing import box_token_mask
 
+# a bucket costs this many attention scores more than its padding would (the per-call overhead of
+# gathering, masking and one more SDPA launch), so tiny differences in box size share one call
+BUCKET_OVERHEAD = 256 * 256
+
+
+@dataclass
+class Bucket:
+    """Pairs whose boxes have similar token counts, attended in one SDPA call padded to ``length``."""
+
+    pairs: Tensor  # G   pair indices (into the P valid pairs)
+    length: int  # tokens of the largest box in the bucket
+    start: int  # the bucket's range [start, end) in the packed token list
+    end: int
+    pos: Tensor | None  # G×length positions in [0, end - start), padding slots at 0; None: no padding
+    keep: Tensor | None  # G×1×1×(1+length) bool attention mask (instance token first); None: no padding
+    unpad: Tensor | None  # (end - start) indices of the real slots in the flattened G·length padded rows
+
+    @property
+    def size(self) -> int:
+        return self.pairs.shape[0]
+
 
 @dataclass
 class InstanceLayout:
-    """Which tokens belong to which valid instance, in the forms the heads need."""
+    """Which tokens belong to which valid instance, in the forms the heads need.
+
+    The Assemble-Attn branch works on the *packed* (pair, token) list: the T = Σ count_pair in-box
+    tokens of every valid pair, pair after pair in bucket order, tokens in order inside a pair. Linear
+    layers run on those T rows only, and attention runs once per bucket (:func:`plan_buckets`).
+    """
 
     member: Tensor  # B×N×S bool, padding rows all False
     pair_b: Tensor  # P   batch index of each valid instance
     pair_k: Tensor  # P   instance index
-    idx: Tensor  # P×M token indices inside the box (padded with 0)
-    key_valid: Tensor  # P×M bool, False = padding
     count_pair: Tensor  # P   number of tokens in the box (≥ 1)
     count_token: Tensor  # B×S number of valid boxes containing the token
     grid: tuple[int, int]
+    token_b: Tensor  # T   batch index of each packed (pair, token) entry
+    token_s: Tensor  # T   its token index
+    buckets: list[Bucket]
+    pair_order: Tensor  # P   the pairs in bucket order (the buckets' ``pairs`` concatenated)
+    pair_rank: Tensor  # P   position of each pair in ``pair_order``
 
     @property
     def num_pairs(self) -> int:
@@ -58,9 +91,37 @@ class InstanceLayout:
     def num_tokens(self) -> int:
         return self.member.shape[-1]
 
+    @property
+    def num_packed(self) -> int:
+        return self.token_b.shape[0]
 
-def build_layout(boxes: Tensor, instance_mask: Tensor, grid_h: int, grid_w: int) -> InstanceLayout:
-    """Precompute the gather/scatter indices once per forward (one host sync for M)."""
+
+def plan_buckets(counts: list[int], overhead: int = BUCKET_OVERHEAD) -> list[list[int]]:
+    """Groups pair indices by token count so that Σ over buckets of (size·(1 + longest)² + ``overhead``)
+    is least: each bucket is padded to its longest box, so a full-frame box never shares a call with
+    small ones, while boxes of nearly equal size do. Exact dynamic programme over the pairs sorted by
+    count (an optimal grouping of this cost is contiguous in that order); returns buckets, longest first."""
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j pairs (sorted)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # bucket = sorted pairs i..j-1, padded to counts[order[i]]
+            cost = best[i] + (j - i) * (1 + counts[order[i]]) ** 2 + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def build_layout(boxes: Tensor, instance_mask: Tensor, grid_h: int, grid_w: int,
+                 bucket_overhead: int = BUCKET_OVERHEAD) -> InstanceLayout:
+    """Precompute the gather/scatter indices and the attention buckets (:func:`plan_buckets` with
+    ``bucket_overhead``) once per forward; it reads the valid pairs and their token counts on the host
+    (the syncs of a forward), and builds every other index from those without another."""
     b, n = instance_mask.shape[:2]
     s = grid_h * grid_w
     device = boxes.device
@@ -71,49 +132,65 @@ def build_layout(boxes: Tensor, instance_mask: Tensor, grid_h: int, grid_w: int)
     pair_b, pair_k = instance_mask.bool().nonzero(as_tuple=True)
     member_p = member[pair_b, pair_k]  # P×S
     count_pair = member_p.sum(-1)
-    m = int(count_pair.max()) if pair_b.numel() else 0
-    # stable sort puts the in-box tokens first, in token order
-    idx = torch.argsort((~member_p).to(torch.uint8), dim=-1, stable=True)[:, :m]
-    key_valid = torch.arange(m, device=device)[None, :] < count_pair[:, None]
-    idx = torch.where(key_valid, idx, torch.zeros_like(idx))
+    counts = count_pair.tolist()
+    groups = plan_buckets(counts, bucket_overhead)
+    order = [p for g in groups for p in g]
+    pair_order = torch.tensor(order, dtype=torch.long, device=device)
+    pair_rank = torch.empty_like(pair_order)
+    pair_rank[pair_order] = torch.arange(len(order), device=device)
+    # packed entries: pairs in bucket order, each pair's in-box tokens in token order. Every index with a
+    # data-dependent size is built on the host from the counts already read, so nothing below syncs.
+    ordered = [counts[p] for p in order]
+    rows = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(ordered, dtype=torch.long))
+    slots = torch.cat([torch.arange(c) for c in ordered]) if ordered else torch.zeros(0, dtype=torch.long)
+    # stable sort puts each pair's in-box tokens first, in token order
+    in_box_first = torch.argsort((~member_p[pair_order]).to(torch.uint8), dim=-1, stable=True)
+    rows, slots = rows.to(device), slots.to(device)
+    token_s = in_box_first[rows, slots]
+    token_b = pair_b[pair_order][rows]
+    buckets, start = [], 0
+    for g in groups:
+        lengths = [counts[p] for p in g]
+        length, total = lengths[0], sum(lengths)
+        pos = keep = unpad = None
+        if total != length * len(g):
+            lens = torch.tensor(lengths)
+            slot = torch.arange(length)
+            valid = slot[None, :] < lens[:, None]
+            pos = torch.where(valid, (torch.cumsum(lens, 0) - lens)[:, None] + slot[None, :], 0).to(device)
+            keep = torch.cat([valid.new_ones(len(g), 1), valid], 1)[:, None, None, :].to(device)
+            unpad = valid.flatten().nonzero().squeeze(1).to(device)
+        buckets.append(Bucket(pairs=torch.tensor(g, dtype=torch.long, device=device), length=length, start=start,
+                              end=start + total, pos=pos, keep=keep, unpad=unpad))
+        start += total
     return InstanceLayout(
         member=member,
         pair_b=pair_b,
         pair_k=pair_k,
-        idx=idx,
-        key_valid=key_valid,
         count_pair=count_pair,
         count_token=member.sum(1),
         grid=(grid_h, grid_w),
+        token_b=token_b,
+        token_s=token_s,
+        buckets=buckets,
+        pair_order=pair_order,
+        pair_rank=pair_rank,
     )
 
 
 def gather_tokens(x: Tensor, layout: InstanceLayout) -> Tensor:
-    """B×S×C → P×M×C: the tokens inside each valid instance's box (padding slots hold token 0)."""
-    return x[layout.pair_b[:, None], layout.idx]
+    """B×S×… → T×…: the packed in-box tokens of every valid pair."""
+    return x[layout.token_b, layout.token_s]
 
 
 def scatter_mean(values: Tensor, layout: InstanceLayout) -> Tensor:
-    """P×M×C per-(instance, token) values → B×S×C, averaged over the boxes covering each token."""
+    """T×C packed per-(instance, token) values → B×S×C, averaged over the boxes covering each token."""
     b, s = layout.count_token.shape
     c = values.shape[-1]
-    flat = (layout.pair_b[:, None] * s + layout.idx).reshape(-1)
-    vals = (values * layout.key_valid[..., None].to(values.dtype)).reshape(-1, c)
-    out = values.new_zeros(b * s, c).index_add_(0, flat, vals)
+    flat = layout.token_b * s + layout.token_s
+    out = values.new_zeros(b * s, c).index_add_(0, flat, values)
     denom = layout.count_token.clamp(min=1).to(values.dtype).reshape(-1, 1)
     return (out / denom).view(b, s, c)
-
-
-def spread_instances(values: Tensor, layout: InstanceLayout, weights: Tensor | None = None) -> Tensor:
-    """P×C per-instance values (optionally × ``weights`` P) → B×S×C on the tokens of each box,
-    averaged over overlapping boxes; 0 outside every box."""
-    b, n, s = layout.member.shape
-    if weights is not None:
-        values = values * weights[:, None].to(values.dtype)
-    dense = values.new_zeros(b, n, values.shape[-1]).index_put((layout.pair_b, layout.pair_k), values)
-    member = layout.member.to(values.dtype)
-    summed = member.transpose(1, 2) @ dense  # B×S×C
-    return summed / layout.count_token.clamp(min=1).to(values.dtype)[..., None]
 
 
 def box_centre_ids(boxes: Tensor, grid_h: int, grid_w: int) -> Tensor:
@@ -137,32 +214,47 @@ def _head_linear(module: nn.Module, x: Tensor) -> Tensor:
     return module(x.to(module.weight.dtype)).to(x.dtype)
 
 
-def assemble_sdpa(inst_qkv, img_qkv, rope: tuple[Tensor, Tensor], key_valid: Tensor,
-                  inst_rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """One SDPA call over the P padded sequences [instance ∥ in-box image tokens].
+def _padded(x: Tensor, bucket: Bucket) -> Tensor:
+    """The bucket's rows of the packed T×… tensor ``x`` as G×length×… (padding slots repeat a real row)."""
+    seg = x[bucket.start:bucket.end]
+    if bucket.pos is None:
+        return seg.unflatten(0, (bucket.size, bucket.length))
+    return seg[bucket.pos]
 
-    ``inst_qkv``: three P×H×hd (normed), ``img_qkv``: three P×M×H×hd (normed), ``rope``: (cos, sin)
-    P×M×hd of the gathered image tokens, ``key_valid``: P×M, ``inst_rope``: (cos, sin) P×hd of the
-    instance tokens' box centres, or None (no position). Returns (instance outputs P×H·hd, image
-    outputs P×M×H·hd).
+
+def _unpadded(y: Tensor, bucket: Bucket) -> Tensor:
+    """G×length×… → the bucket's (end − start)×… packed rows."""
+    y = y.flatten(0, 1)
+    return y if bucket.unpad is None else y[bucket.unpad]
+
+
+def assemble_sdpa(inst_qkv, img_qkv, rope: tuple[Tensor, Tensor], layout: InstanceLayout,
+                  inst_rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of every valid pair over [instance token ∥ its in-box image tokens], one SDPA call per
+    bucket of the layout (padding, and with it a mask, only inside a bucket).
+
+    ``inst_qkv``: three P×H×hd (normed), ``img_qkv``: three T×H×hd (normed, packed), ``rope``: (cos, sin)
+    T×hd of the packed image tokens, ``inst_rope``: (cos, sin) P×hd of the instance tokens' box centres,
+    or None (no position). Returns (instance outputs P×H·hd, packed image outputs T×H·hd).
     """
-    cos, sin = rope
     iq, ik, iv = inst_qkv
     if inst_rope is not None:
         iq, ik = apply_rope(iq, *inst_rope), apply_rope(ik, *inst_rope)
     gq, gk, gv = img_qkv
-    gq, gk = apply_rope(gq, cos, sin), apply_rope(gk, cos, sin)
-    q = torch.cat([iq.unsqueeze(1), gq], dim=1)
-    k = torch.cat([ik.unsqueeze(1), gk], dim=1)
-    v = torch.cat([iv.unsqueeze(1), gv], dim=1)
-    keep = torch.cat([key_valid.new_ones(key_valid.shape[0], 1), key_valid], dim=1)
-    out = sdpa(q, k, v, keep[:, None, None, :])
-    return out[:, 0], out[:, 1:]
+    gq, gk = apply_rope(gq, *rope), apply_rope(gk, *rope)
+    inst_out, img_out = [], []
+    for bucket in layout.buckets:
+        q, k, v = (torch.cat([i[bucket.pairs].unsqueeze(1), _padded(g, bucket)], dim=1)
+                   for i, g in ((iq, gq), (ik, gk), (iv, gv)))
+        out = sdpa(q, k, v, bucket.keep)
+        inst_out.append(out[:, 0])
+        img_out.append(_unpadded(out[:, 1:], bucket))
+    return torch.cat(inst_out)[layout.pair_rank], torch.cat(img_out)
 
 
 def _gather_img_qkv(attn: nn.Module, layout: InstanceLayout, img_norm: Tensor, img_qkv, add_lora: bool):
-    """Gather the image tokens' q/k/v linear outputs and, when the base path ran without the adapter,
-    add the LoRA delta on the gathered normed tokens only (cheaper than re-projecting everything)."""
+    """The packed image tokens' q/k/v linear outputs and, when the base path ran without the adapter,
+    plus the LoRA delta on the packed normed tokens only (cheaper than re-projecting everything)."""
     gathered = [gather_tokens(t, layout) for t in img_qkv]
     if add_lora:
         xg = gather_tokens(img_norm, layout)
@@ -174,7 +266,7 @@ def _gather_img_qkv(attn: nn.Module, layout: InstanceLayout, img_norm: Tensor, i
 
 def _gather_rope(rope_img: tuple[Tensor, Tensor], layout: InstanceLayout) -> tuple[Tensor, Tensor]:
     cos, sin = rope_img
-    return cos[layout.idx], sin[layout.idx]
+    return cos[layout.token_s], sin[layout.token_s]
 
 
 def assemble_double(
@@ -205,8 +297,7 @@ def assemble_double(
     inst_qkv = _instance_qkv(inst_n, attn.head_dim, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                              (attn.norm_added_q, attn.norm_added_k))
     img = _gather_img_qkv(attn, layout, img_norm, img_qkv, add_lora)
-    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid,
-                                      inst_rope)
+    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout, inst_rope)
 
     out_img = attn.to_out[1](project(attn.to_out[0], out_img, True))
     contrib = scatter_mean(_head_linear(out_proj, out_img), layout)
@@ -248,8 +339,7 @@ def assemble_single(
     inst_n = block.norm.norm(inst) * (1 + scale) + shift
     inst_qkv = _instance_qkv(inst_n, attn.head_dim, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
     img = _gather_img_qkv(attn, layout, img_norm, img_qkv, add_lora)
-    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout.key_valid,
-                                      inst_rope)
+    out_inst, out_img = assemble_sdpa(inst_qkv, img, _gather_rope(rope_img, layout), layout, inst_rope)
 
     d = out_img.shape[-1]
     out_img = F.linear(out_img, block.proj_out.weight[:, :d])

@@ -100,6 +100,10 @@ class MppFlux(nn.Module):
         self.modulation = ModulationHead(clip_dim, dino_dim, heads.identity_dim, inner, heads.modulation_rank, chunks,
                                          heads.modulation_grid)
         self.feedback = FeedbackBridge(inner, heads.identity_dim, max(num_layout - 1, 0), with_token=use_layout_head)
+        # skip the modulation offsets while they are exactly zero (stage 1: frozen zero-initialized `up`
+        # layers); False computes them anyway (the tests compare both)
+        self.skip_zero_work = True
+        self._modulation_zero: tuple[tuple, bool] | None = None
 
         if lora_rank > 0:
             if lora_scope == "all":
@@ -135,6 +139,20 @@ class MppFlux(nn.Module):
             return {}
         return lora_state_dict(self.backbone)
 
+    def modulation_is_zero(self) -> bool:
+        """Whether the modulation head's offsets are exactly zero and stay so during a step: its ``up``
+        projections are frozen and all zero. The check reads the weights once (one host sync) and is
+        cached until one of them changes (a new tensor or an in-place write such as loading a
+        checkpoint, seen in its storage and version counter), so a training step does not sync."""
+        ups = list(self.modulation.up.parameters())
+        if any(p.requires_grad for p in ups):
+            return False
+        key = tuple((id(p), p.data_ptr(), p._version) for p in ups)
+        if self._modulation_zero is None or self._modulation_zero[0] != key:
+            zero = not ups or not bool(torch.stack([p.ne(0).any() for p in ups]).any())
+            self._modulation_zero = (key, zero)
+        return self._modulation_zero[1]
+
     @property
     def layout_blocks(self) -> list[tuple[str, int]]:
         return [("double", i) for i in self.layout_double_blocks] + [("single", i) for i in self.layout_single_blocks]
@@ -146,10 +164,11 @@ class MppFlux(nn.Module):
         return fn(*args)
 
     def _layout_step(self, kind: str, block: nn.Module, slot: int, img, txt, temb, rope,
-                     layout: InstanceLayout, inst, code, alpha, boxes, inst_rope):
+                     layout: InstanceLayout, inst, code, alpha, boxes, inst_rope, modulate: bool):
         offsets = assemble = None
         if layout.num_pairs > 0:
-            offsets = self.modulation.offsets(slot, code, layout, boxes, alpha).to(img.dtype)
+            if modulate:
+                offsets = self.modulation.offsets(slot, code, layout, boxes, alpha).to(img.dtype)
             if self.use_layout_head:
                 assemble = AssembleInput(layout, inst, self.layout_proj[slot], inst_rope)
         forward = double_block_forward if kind == "double" else single_block_forward
@@ -227,6 +246,7 @@ class MppFlux(nn.Module):
             if self.instance_rope and inst is not None:
                 inst_rope = bb.pos_embed(box_centre_ids(box_p, gh, gw))
 
+        modulate = not (self.skip_zero_work and self.modulation_is_zero())
         stats = []
         stacks = (("double", bb.transformer_blocks, self._double_slot),
                   ("single", bb.single_transformer_blocks, self._single_slot))
@@ -238,7 +258,7 @@ class MppFlux(nn.Module):
                     continue
                 txt, img, inst, code, s = self._maybe_checkpoint(
                     self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, alpha,
-                    box_p, inst_rope,
+                    box_p, inst_rope, modulate,
                 )
                 if s is not None:
                     stats.append(s)

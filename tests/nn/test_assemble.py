@@ -8,14 +8,15 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import FluxPosEmbed, apply_rotary_emb
 
 from mpp.nn.assemble_attn import (
+    BUCKET_OVERHEAD,
     assemble_double,
     assemble_sdpa,
     assemble_single,
     box_centre_ids,
     box_mean,
     build_layout,
+    plan_buckets,
     scatter_mean,
-    spread_instances,
 )
 from mpp.nn.lora import base_linear
 from tests.helpers import make_inputs, random_boxes, randomize
@@ -38,8 +39,9 @@ def naive_member(box, gh=GH, gw=GW) -> torch.Tensor:
     return m
 
 
-def naive_assemble(kind, block, img_norm, inst, mask, boxes, chunks, rope, out_proj):
-    """Per-(batch, instance) Python loop: attention over [instance token ∥ in-box tokens], unbatched."""
+def naive_assemble(kind, block, img_norm, inst, mask, boxes, chunks, rope, out_proj, pos_embed=None):
+    """Per-(batch, instance) Python loop: attention over [instance token ∥ in-box tokens], unbatched.
+    With ``pos_embed`` the instance token's q and k take the RoPE of its box centre on the token grid."""
     attn = block.attn
     b, s, d = img_norm.shape
     hd = attn.head_dim
@@ -64,6 +66,11 @@ def naive_assemble(kind, block, img_norm, inst, mask, boxes, chunks, rope, out_p
                 en = block.norm.norm(e) * (1 + c[1]) + c[0]
                 eq, ek, ev = attn.to_q(en), attn.to_k(en), attn.to_v(en)
                 eq, ek = attn.norm_q(eq.view(1, -1, hd)), attn.norm_k(ek.view(1, -1, hd))
+            if pos_embed is not None:
+                x0, y0, x1, y1 = boxes[bi, k].tolist()
+                centre = torch.tensor([[0.0, (y0 + y1) / 2 * GH - 0.5, (x0 + x1) / 2 * GW - 0.5]])
+                eq = apply_rotary_emb(eq[None], pos_embed(centre), sequence_dim=1)[0]
+                ek = apply_rotary_emb(ek[None], pos_embed(centre), sequence_dim=1)[0]
             q = attn.norm_q(attn.to_q(x).view(len(sel), -1, hd))
             kk = attn.norm_k(attn.to_k(x).view(len(sel), -1, hd))
             v = attn.to_v(x).view(len(sel), -1, hd)
@@ -89,7 +96,7 @@ def naive_assemble(kind, block, img_norm, inst, mask, boxes, chunks, rope, out_p
     return acc / cnt.clamp(min=1), (torch.stack(new_inst) if new_inst else inst)
 
 
-def setup_branch(model, kind, b, n, seed, mask=None, boxes=None):
+def setup_branch(model, kind, b, n, seed, mask=None, boxes=None, bucket_overhead=BUCKET_OVERHEAD):
     """Random inputs of one layout block's Assemble-Attn branch."""
     gen = torch.Generator().manual_seed(seed)
     block = model.backbone.transformer_blocks[0] if kind == "double" else model.backbone.single_transformer_blocks[0]
@@ -99,7 +106,7 @@ def setup_branch(model, kind, b, n, seed, mask=None, boxes=None):
         boxes = random_boxes(gen, b, n)
     if mask is None:
         mask = torch.rand(b, n, generator=gen) < 0.8
-    layout = build_layout(boxes, mask, GH, GW)
+    layout = build_layout(boxes, mask, GH, GW, bucket_overhead)
     img_norm = torch.randn(b, S, d, generator=gen)
     inst = torch.randn(layout.num_pairs, d, generator=gen)
     temb = torch.randn(b, d, generator=gen)
@@ -111,16 +118,25 @@ def setup_branch(model, kind, b, n, seed, mask=None, boxes=None):
     rope = model.backbone.pos_embed(ids)
     assert rope[0].shape == (S, hd)
     return dict(block=block, layout=layout, img_norm=img_norm, inst=inst, chunks=chunks, rope=rope,
-                out_proj=model.layout_proj[slot], boxes=boxes, mask=mask)
+                out_proj=model.layout_proj[slot], boxes=boxes, mask=mask, pos_embed=model.backbone.pos_embed)
 
 
-def run_batched(kind, c, lora_in_base=False):
+def run_batched(kind, c, lora_in_base=False, inst_rope=False):
     attn = c["block"].attn
     proj = (lambda m, x: m(x)) if lora_in_base else base_linear
     qkv = tuple(proj(m, c["img_norm"]) for m in (attn.to_q, attn.to_k, attn.to_v))
     fn = assemble_double if kind == "double" else assemble_single
-    return fn(c["block"], c["layout"], c["img_norm"], qkv, c["inst"], c["chunks"], c["rope"], c["out_proj"],
-              add_lora=not lora_in_base)
+    layout = c["layout"]
+    centres = None
+    if inst_rope:
+        centres = c["pos_embed"](box_centre_ids(c["boxes"][layout.pair_b, layout.pair_k], GH, GW))
+    return fn(c["block"], layout, c["img_norm"], qkv, c["inst"], c["chunks"], c["rope"], c["out_proj"],
+              add_lora=not lora_in_base, inst_rope=centres)
+
+
+def run_naive(kind, c, inst_rope=False):
+    return naive_assemble(kind, c["block"], c["img_norm"], c["inst"], c["mask"], c["boxes"], c["chunks"], c["rope"],
+                          c["out_proj"], c["pos_embed"] if inst_rope else None)
 
 
 def test_membership_matches_naive_rule():
@@ -143,14 +159,84 @@ def test_batched_equals_naive(make_model, kind, n, lora_in_base):
     c = setup_branch(model, kind, b=3, n=n, seed=n)
     with torch.no_grad():
         contrib, inst = run_batched(kind, c, lora_in_base)
-        ref_contrib, ref_inst = naive_assemble(kind, c["block"], c["img_norm"], c["inst"], c["mask"], c["boxes"],
-                                               c["chunks"], c["rope"], c["out_proj"])
+        ref_contrib, ref_inst = run_naive(kind, c)
     torch.testing.assert_close(contrib, ref_contrib, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inst, ref_inst, atol=1e-5, rtol=1e-5)
     if n:
         assert contrib.abs().max() > 1e-3
         outside = ~c["layout"].member.any(1)
         assert (contrib[outside] == 0).all()
+
+
+# one full-frame background box, small boxes of a few sizes (two of them equal, one smaller than a token,
+# one inside another), so the pairs fall into several buckets, some padded and masked, some not
+FRAME_AND_SMALL = torch.tensor([
+    [[0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.35, 0.45], [0.6, 0.5, 0.85, 0.95], [0.5, 0.5, 0.505, 0.51],
+     [0.0, 0.6, 0.5, 1.0], [0.15, 0.15, 0.3, 0.3]],
+    [[0.55, 0.1, 0.8, 0.45], [0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.55, 0.75], [0.2, 0.2, 0.3, 0.3],
+     [0.7, 0.7, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]],
+])
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+@pytest.mark.parametrize("inst_rope", [False, True])
+@pytest.mark.parametrize("case", ["frame_and_small", "random", "one_sample_empty", "all_empty"])
+def test_exact_work_equals_naive(make_model, kind, inst_rope, case):
+    model, _ = make_model()
+    randomize(model)
+    boxes, mask = FRAME_AND_SMALL, torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 2] = False  # a padding slot between valid instances
+    if case == "random":
+        boxes, mask = random_boxes(torch.Generator().manual_seed(3), 2, 6), None
+    elif case == "one_sample_empty":
+        mask[1] = False
+    elif case == "all_empty":
+        mask[:] = False
+    # a small bucket overhead, so that the tiny grid's boxes still split into several buckets
+    c = setup_branch(model, kind, b=2, n=6, seed=4, boxes=boxes, mask=mask, bucket_overhead=40)
+    layout = c["layout"]
+    if case == "frame_and_small":
+        assert len(layout.buckets) >= 2 and any(bk.keep is not None for bk in layout.buckets)
+        assert layout.num_packed == int(layout.count_pair.sum())  # nothing padded outside attention
+    with torch.no_grad():
+        contrib, inst = run_batched(kind, c, inst_rope=inst_rope)
+        ref_contrib, ref_inst = run_naive(kind, c, inst_rope=inst_rope)
+    torch.testing.assert_close(contrib, ref_contrib, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inst, ref_inst, atol=1e-5, rtol=1e-5)
+    assert inst.shape == (layout.num_pairs, model.inner_dim)
+
+
+def test_buckets_cover_every_pair_once_and_keep_big_boxes_apart():
+    boxes = FRAME_AND_SMALL
+    layout = build_layout(boxes, torch.ones(2, 6, dtype=torch.bool), 16, 16)
+    counts = layout.count_pair.tolist()
+    seen = sorted(p for bk in layout.buckets for p in bk.pairs.tolist())
+    assert seen == list(range(layout.num_pairs))
+    assert layout.pair_order[layout.pair_rank].tolist() == list(range(layout.num_pairs))
+    for bk in layout.buckets:
+        lengths = [counts[p] for p in bk.pairs.tolist()]
+        assert bk.length == max(lengths) and bk.end - bk.start == sum(lengths)
+        assert (bk.keep is None) == (min(lengths) == bk.length)
+    full = [bk for bk in layout.buckets if bk.length == 256]
+    assert len(full) == 1 and full[0].size == 3  # the three full-frame boxes, alone in their bucket
+    # packed entries: each pair's own tokens, pair after pair
+    for p in range(layout.num_pairs):
+        rank = int(layout.pair_rank[p])
+        before = sum(counts[q] for q in layout.pair_order[:rank].tolist())
+        sel = slice(before, before + counts[p])
+        assert (layout.token_b[sel] == layout.pair_b[p]).all()
+        assert layout.member[layout.pair_b[p], layout.pair_k[p]].nonzero().squeeze(1).tolist() == \
+            layout.token_s[sel].tolist()
+
+
+def test_plan_buckets_minimises_padding_plus_overhead():
+    assert plan_buckets([]) == []
+    assert plan_buckets([5, 5, 5], overhead=0) == [[0, 1, 2]]
+    # without overhead every distinct size gets its own call; with a huge one everything shares one
+    assert plan_buckets([10, 400, 12], overhead=0) == [[1], [2], [0]]
+    assert plan_buckets([10, 400, 12], overhead=10**9) == [[1, 2, 0]]
+    # the worst case of the padded algorithm: a full frame and seven 10 % boxes
+    assert plan_buckets([4096] + [410] * 7) == [[0], [1, 2, 3, 4, 5, 6, 7]]
 
 
 @pytest.mark.parametrize("kind", ["double", "single"])
@@ -210,12 +296,9 @@ def _two_box_layout():
 def test_overlaps_are_averaged_not_overwritten():
     layout = _two_box_layout()
     # per-(instance, token) values: instance A outputs 1, instance B outputs 3 on every one of its tokens
-    values = torch.tensor([1.0, 3.0])[:, None, None].expand(2, layout.idx.shape[1], 2)
+    values = torch.tensor([1.0, 3.0])[layout.pair_k[layout.pair_order].repeat_interleave(2)][:, None].expand(-1, 2)
     out = scatter_mean(values, layout)
     assert out[0, :, 0].tolist() == [1.0, 2.0, 3.0, 0.0]
-    # per-instance values weighted by alpha (the modulation offsets' path)
-    spread = spread_instances(torch.tensor([[2.0], [4.0]]), layout, weights=torch.tensor([0.5, 1.0]))
-    assert spread[0, :, 0].tolist() == [1.0, 2.5, 4.0, 0.0]
     # mean-pooling inside each box (the feedback bridge's input)
     x = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
     assert box_mean(x, layout)[:, 0].tolist() == [1.5, 3.0]
@@ -233,16 +316,16 @@ def test_instance_rope_makes_instance_scores_depend_on_relative_position_only(wi
     heads, hd, m = 2, 16, 5
     pos = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])
     inst = tuple(torch.randn(1, heads, hd, generator=g) for _ in range(3))
-    img = tuple(torch.randn(1, m, heads, hd, generator=g) for _ in range(3))
+    img = tuple(torch.randn(m, heads, hd, generator=g) for _ in range(3))  # packed: one pair of m tokens
+    layout = build_layout(torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]), torch.ones(1, 1, dtype=torch.bool), 1, m)
     rows = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0])
     cols = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0])
 
     def run(shift):
         ids = torch.stack([torch.zeros(m), rows + shift, cols + 2 * shift], -1)
         centre = torch.tensor([[0.0, 2.0 + shift, 1.5 + 2 * shift]])
-        cos, sin = pos(ids)
         inst_rope = pos(centre) if with_rope else None
-        return assemble_sdpa(inst, img, (cos[None], sin[None]), torch.ones(1, m, dtype=torch.bool), inst_rope)
+        return assemble_sdpa(inst, img, pos(ids), layout, inst_rope)
 
     (a_inst, a_img), (b_inst, b_img) = run(0.0), run(3.0)
     # moving the box and its tokens together changes nothing exactly when the instance token has a position

@@ -186,3 +186,61 @@ def test_box_coordinates_put_the_box_edges_at_minus_and_plus_one():
 def test_modulation_grid_below_one_names_the_flag():
     with pytest.raises(ValueError, match="heads.modulation_grid"):
         ModulationHead(6, 5, 7, 4, 3, [2], grid=0)
+
+
+def _offset_calls(model, monkeypatch) -> list[int]:
+    """Counts the calls of the model's modulation offsets (the real method still runs)."""
+    calls = []
+    real = model.modulation.offsets
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.modulation, "offsets", counted)
+    return calls
+
+
+def test_stage1_skips_the_zero_modulation_offsets_with_identical_results(make_model, monkeypatch):
+    """Stage 1: the modulation head is frozen at its zero-initialized `up` layers, so its offsets are
+    skipped; outputs and gradients equal those of computing them."""
+    model, _ = make_model()
+    model_mod.set_trainable(model, model_mod.STAGE_GROUPS[1])
+    randomize(model, groups=("layout", "feedback", "lora"))
+    inputs = make_inputs(seed=5)
+    calls = _offset_calls(model, monkeypatch)
+    results = []
+    for skip in (True, False):
+        model.skip_zero_work = skip
+        model.zero_grad()
+        out = model(**inputs)
+        (out.velocity.square().mean() + out.alpha.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, len(calls)))
+    (a, grads_a, calls_skip), (b, grads_b, calls_all) = results
+    assert calls_skip == 0 and calls_all == len(model.layout_blocks)
+    assert torch.equal(a.velocity, b.velocity) and torch.equal(a.alpha, b.alpha)
+    torch.testing.assert_close(a.feedback_magnitude, b.feedback_magnitude, atol=0, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=0, rtol=0)
+
+
+def test_zero_modulation_check_is_cached_and_sees_loaded_or_trained_weights(make_model, monkeypatch):
+    model, _ = make_model()
+    model_mod.set_trainable(model, model_mod.STAGE_GROUPS[3])  # modulation frozen
+    assert model.modulation_is_zero()
+    cached = model._modulation_zero
+    assert model.modulation_is_zero() and model._modulation_zero is cached  # no second look at the weights
+    # stage 3 loads stage 2's trained (non-zero) modulation weights into the frozen head
+    trained = {k: torch.full_like(v, 0.1) for k, v in model.modulation.state_dict().items()}
+    model.modulation.load_state_dict(trained)
+    assert not model.modulation_is_zero()
+    calls = _offset_calls(model, monkeypatch)
+    with torch.no_grad():
+        model(**make_inputs(seed=6))
+    assert len(calls) == len(model.layout_blocks)
+    # a trained head is never skipped, even while its weights are still zero
+    fresh, _ = make_model()
+    model_mod.set_trainable(fresh, model_mod.STAGE_GROUPS[2])
+    assert not fresh.modulation_is_zero()
