@@ -71,6 +71,26 @@ def test_validation_batches_keep_every_sample_and_one_bucket_each(world):
         assert len({BUCKETS[i] for batch in step for i in batch}) == 1 and len({len(b) for b in step}) == 1
 
 
+def test_lightning_sets_the_epoch_and_workers_keep_the_skip():
+    """What the trainer does with a DataLoader of this batch sampler: Lightning's `_set_sampler_epoch`
+    reaches it, and a resumed epoch's skip survives the two iter() calls of a loader with workers."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    expected = BucketBatchSampler(BUCKETS, 2, seed=1)
+    expected.set_epoch(3)
+    expected = list(expected)[4:]
+    sampler = BucketBatchSampler(BUCKETS, 2, seed=1)
+    loader = torch.utils.data.DataLoader(list(range(23)), batch_sampler=sampler, num_workers=2,
+                                         persistent_workers=True)
+    _set_sampler_epoch(loader, 3)
+    assert sampler.epoch == 3
+    sampler.skip(4, epoch=3)
+    assert [b.tolist() for b in loader] == expected
+    _set_sampler_epoch(loader, 4)  # the next epoch is whole again, in its own order
+    following = [b.tolist() for b in loader]
+    assert len(following) == len(sampler) and following[:4] != expected[:4]
+
+
 def test_epochs_shuffle_differently_and_reproducibly():
     s = BucketBatchSampler(BUCKETS, 2, seed=1)
     first = list(s)

@@ -38,6 +38,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._keys = sorted(set(self.buckets), key=repr)
         self._counts = [len(m) for m in self._members(list(range(len(self.buckets)))).values()]
 
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        """Lightning sets each epoch on ``batch_sampler.sampler`` (never on a batch sampler itself), so
+        this batch sampler is its own sampler."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -83,10 +89,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         return sum(-(-(c + (-c) % self.num_replicas) // per_step) for c in self._counts)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # a generator: the epoch's order and the skip are decided when the first batch is drawn, not at
+        # iter(); a DataLoader with workers calls iter() twice and draws from the second iterator only
         share = self.batches()
         if self._skip is not None:
             epoch, n = self._skip
             self._skip = None
             if epoch == self.epoch:
                 share = share[n:]
-        return iter(share)
+        yield from share
