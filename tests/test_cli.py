@@ -18,7 +18,7 @@ from mpp.cli import CALLBACK_KEYS, MppCLI, main
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.toy.bundle import toy_encoder_settings
-from tests.test_training import ROOT, fit_args
+from tests.helpers import ROOT, fit_args
 
 STAGES = [os.path.join(ROOT, f"configs/stage{n}.yaml") for n in (1, 2, 3)]
 TOY = os.path.join(ROOT, "configs/toy.yaml")
