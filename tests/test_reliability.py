@@ -250,7 +250,9 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
                             # a background job inherits SIGINT ignored; Ctrl-C must reach this one
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while not (work / "out2/s1_boxes.png").exists() and proc.poll() is None and time.time() < deadline:
+    # s2.png appears only once s1's record is in the report's list (a file exists from the moment it is
+    # opened, so waiting for s1_boxes.png raced with the append under a loaded CPU)
+    while not (work / "out2/s2.png").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
