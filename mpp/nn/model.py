@@ -164,11 +164,11 @@ class MppFlux(nn.Module):
         return fn(*args)
 
     def _layout_step(self, kind: str, block: nn.Module, slot: int, img, txt, temb, rope,
-                     layout: InstanceLayout, inst, code, alpha, boxes, inst_rope, modulate: bool):
+                     layout: InstanceLayout, inst, code, reading, inst_rope):
         offsets = assemble = None
         if layout.num_pairs > 0:
-            if modulate:
-                offsets = self.modulation.offsets(slot, code, layout, boxes, alpha).to(img.dtype)
+            if reading is not None:
+                offsets = self.modulation.offsets(slot, code, layout, reading).to(img.dtype)
             if self.use_layout_head:
                 assemble = AssembleInput(layout, inst, self.layout_proj[slot], inst_rope)
         forward = double_block_forward if kind == "double" else single_block_forward
@@ -246,7 +246,9 @@ class MppFlux(nn.Module):
             if self.instance_rope and inst is not None:
                 inst_rope = bb.pos_embed(box_centre_ids(box_p, gh, gw))
 
-        modulate = not (self.skip_zero_work and self.modulation_is_zero())
+        reading = None  # None: no modulation offsets (no instances, or the head is frozen at zero)
+        if layout.num_pairs > 0 and not (self.skip_zero_work and self.modulation_is_zero()):
+            reading = self.modulation.reading(layout, box_p, alpha)
         stats = []
         stacks = (("double", bb.transformer_blocks, self._double_slot),
                   ("single", bb.single_transformer_blocks, self._single_slot))
@@ -257,8 +259,8 @@ class MppFlux(nn.Module):
                     txt, img = self._maybe_checkpoint(block, img, txt, temb, rope)
                     continue
                 txt, img, inst, code, s = self._maybe_checkpoint(
-                    self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, alpha,
-                    box_p, inst_rope, modulate,
+                    self._layout_step, kind, block, slot, img, txt, temb, rope, layout, inst, code, reading,
+                    inst_rope,
                 )
                 if s is not None:
                     stats.append(s)

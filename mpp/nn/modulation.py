@@ -13,11 +13,14 @@ token: up(Σ α_k·c_k) = W·(Σ α_k·c_k) + b·(Σ α_k), with the sums over b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .assemble_attn import InstanceLayout
+from .packing import token_centres
 
 
 def zero_linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Linear:
@@ -31,12 +34,20 @@ def zero_linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Linear:
 def box_coordinates(boxes: Tensor, grid_h: int, grid_w: int) -> Tensor:
     """P×4 xyxy boxes → P×S×2 (x, y) of every token centre in its box's frame, in grid_sample's
     [−1, 1] (−1 the box's left/top edge, +1 its right/bottom edge)."""
-    cy = (torch.arange(grid_h, device=boxes.device, dtype=boxes.dtype) + 0.5) / grid_h
-    cx = (torch.arange(grid_w, device=boxes.device, dtype=boxes.dtype) + 0.5) / grid_w
+    cy, cx = token_centres(grid_h, grid_w, device=boxes.device, dtype=boxes.dtype)
     x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
     u = (cx[None] - x0) / (x1 - x0).clamp_min(1e-6) * 2 - 1  # P×gw
     v = (cy[None] - y0) / (y1 - y0).clamp_min(1e-6) * 2 - 1  # P×gh
     return torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1).flatten(1, 2)
+
+
+@dataclass
+class BoxReading:
+    """Where and how much each valid pair's offsets land, the same in every layout block of a forward."""
+
+    weight: Tensor  # P×1 α (grid 1), or P×S×1 α on the pair's in-box tokens, 0 elsewhere (grid > 1)
+    where: Tensor | None  # P×S×1×2 each token's place in the pair's box (grid > 1)
+    inv_count: Tensor  # B×S×1, 1 / the number of boxes covering the token
 
 
 class ModulationHead(nn.Module):
@@ -56,11 +67,23 @@ class ModulationHead(nn.Module):
         """P×Ddino, P×Dclip → P×identity_dim."""
         return self.code(torch.cat([dino, clip], dim=-1))
 
-    def offsets(self, j: int, code: Tensor, layout: InstanceLayout, boxes: Tensor, alpha: Tensor) -> Tensor:
+    def reading(self, layout: InstanceLayout, boxes: Tensor, alpha: Tensor) -> BoxReading:
+        """What :meth:`offsets` needs of the layout, computed once per forward. ``boxes`` P×4 and
+        ``alpha`` P of the layout's valid pairs."""
+        dtype = alpha.dtype
+        weight = alpha[:, None]
+        where = None
+        if self.grid > 1:
+            where = box_coordinates(boxes.to(dtype), *layout.grid)[:, :, None]
+            weight = layout.member[layout.pair_b, layout.pair_k].to(dtype)[..., None] * weight[:, None]
+        inv_count = 1 / layout.count_token.clamp(min=1).to(dtype)[..., None]
+        return BoxReading(weight, where, inv_count)
+
+    def offsets(self, j: int, code: Tensor, layout: InstanceLayout, reading: BoxReading) -> Tensor:
         """The j-th layout block's offsets on every image token: B×S×(chunks·D), 0 outside every box.
-        ``code`` P×identity_dim, ``boxes`` P×4 and ``alpha`` P of the layout's valid pairs."""
+        ``code`` P×identity_dim of the layout's valid pairs."""
         low = self.down[j](code)  # P×(r·G²)
-        weight = alpha.to(low.dtype)[:, None]
+        weight = reading.weight
         if self.grid == 1:
             per_pair = torch.cat([low * weight, weight], dim=-1)  # P×(r+1), the same on every token of the box
             b, n, _ = layout.member.shape
@@ -68,12 +91,11 @@ class ModulationHead(nn.Module):
             summed = layout.member.to(low.dtype).transpose(1, 2) @ dense  # B×S×(r+1)
         else:
             maps = low.view(-1, self.rank, self.grid, self.grid)
-            where = box_coordinates(boxes.to(low.dtype), *layout.grid)[:, :, None]  # P×S×1×2
-            at_token = F.grid_sample(maps, where, mode="bilinear", padding_mode="border", align_corners=False)
-            member = layout.member[layout.pair_b, layout.pair_k].to(low.dtype)[..., None] * weight[:, None]  # P×S×1
-            per_token = torch.cat([at_token.squeeze(-1).transpose(1, 2), torch.ones_like(member)], dim=-1) * member
+            at_token = F.grid_sample(maps, reading.where, mode="bilinear", padding_mode="border",
+                                     align_corners=False).squeeze(-1).transpose(1, 2)  # P×S×r
+            per_token = torch.cat([at_token * weight, weight], dim=-1)
             b, s = layout.count_token.shape
             summed = per_token.new_zeros(b, s, self.rank + 1).index_add_(0, layout.pair_b, per_token)
-        summed = summed / layout.count_token.clamp(min=1).to(low.dtype)[..., None]
+        summed = summed * reading.inv_count
         up = self.up[j]
         return F.linear(summed[..., :self.rank], up.weight) + summed[..., self.rank:] * up.bias

@@ -44,6 +44,13 @@ def text_ids(length: int, *, device=None, dtype=torch.float32) -> Tensor:
     return torch.zeros(length, 3, device=device, dtype=dtype)
 
 
+def token_centres(grid_h: int, grid_w: int, *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """The normalized (y, x) of the token rows' and columns' patch centres: (gh,), (gw,)."""
+    cy = (torch.arange(grid_h, device=device, dtype=dtype) + 0.5) / grid_h
+    cx = (torch.arange(grid_w, device=device, dtype=dtype) + 0.5) / grid_w
+    return cy, cx
+
+
 def box_token_mask(boxes: Tensor, grid_h: int, grid_w: int, instance_mask: Tensor | None = None) -> Tensor:
     """B×N×4 boxes (xyxy in [0, 1]) → B×N×S bool, True where the token's patch centre is in the box.
 
@@ -52,8 +59,7 @@ def box_token_mask(boxes: Tensor, grid_h: int, grid_w: int, instance_mask: Tenso
     """
     b, n, _ = boxes.shape
     boxes = boxes.float()
-    cy = (torch.arange(grid_h, device=boxes.device, dtype=torch.float32) + 0.5) / grid_h
-    cx = (torch.arange(grid_w, device=boxes.device, dtype=torch.float32) + 0.5) / grid_w
+    cy, cx = token_centres(grid_h, grid_w, device=boxes.device)
     x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))
     inside_y = (cy[:, None] >= y0) & (cy[:, None] <= y1)  # B×N×gh×1
     inside_x = (cx[None, :] >= x0) & (cx[None, :] <= x1)  # B×N×1×gw

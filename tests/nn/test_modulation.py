@@ -137,7 +137,7 @@ def test_offsets_match_a_per_token_loop(grid):
     the box): a loop over tokens and boxes, against the vectorized head (grid 1: one value per box)."""
     head, layout, boxes, code, alpha = _head_and_layout(grid)
     with torch.no_grad():
-        out = head.offsets(0, code, layout, boxes, alpha)
+        out = head.offsets(0, code, layout, head.reading(layout, boxes, alpha))
         maps = head.down[0](code).view(-1, 3, grid, grid)
         ref = torch.zeros_like(out)
         gh, gw = layout.grid
@@ -159,7 +159,7 @@ def test_a_grid_varies_inside_the_box_and_grid_one_does_not():
     for grid, varies in ((1, False), (4, True)):
         head, layout, boxes, code, alpha = _head_and_layout(grid, seed=1)
         with torch.no_grad():
-            out = head.offsets(0, code, layout, boxes, alpha)
+            out = head.offsets(0, code, layout, head.reading(layout, boxes, alpha))
         only_box = layout.member[1, 0] & ~layout.member[1, 1]  # sample 1 has one box
         spread = out[1, only_box].std(0).max()
         assert (spread > 1e-3) == varies, (grid, spread)
@@ -172,8 +172,9 @@ def test_a_flat_map_equals_one_offset_per_box():
     gridded.load_state_dict({k: v for k, v in flat.state_dict().items() if not k.startswith("down")}, strict=False)
     with torch.no_grad():
         gridded.down[0].weight.copy_(flat.down[0].weight.repeat_interleave(16, dim=0))
-        torch.testing.assert_close(gridded.offsets(0, code, layout, boxes, alpha),
-                                   flat.offsets(0, code, layout, boxes, alpha), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gridded.offsets(0, code, layout, gridded.reading(layout, boxes, alpha)),
+                                   flat.offsets(0, code, layout, flat.reading(layout, boxes, alpha)),
+                                   atol=1e-6, rtol=1e-6)
 
 
 def test_box_coordinates_put_the_box_edges_at_minus_and_plus_one():
