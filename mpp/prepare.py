@@ -27,7 +27,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -42,6 +41,7 @@ from mpp.data.layout import (
     same_info_value,
     sample_path,
     shard_manifest_name,
+    tensors_to_bytes,
     write_manifest,
 )
 from mpp.data.raw import RawSample, SampleError, list_sample_ids, load_raw_sample
@@ -104,10 +104,6 @@ class _RawSamples(Dataset):
             return e
 
 
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
-    return save({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()})
-
-
 @torch.no_grad()
 def _encode_sample(enc: Encoders, s: RawSample) -> dict[str, dict[str, torch.Tensor]]:
     latents = enc.encode_images(s.image[None])[0]
@@ -144,7 +140,7 @@ def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) 
         ],
     }
     files = {"image": png.getvalue(), "caption": json.dumps(caption, indent=1).encode()}
-    files.update({kind: _safetensors_bytes(group, dtype) for kind, group in tensors.items()})
+    files.update({kind: tensors_to_bytes(group, dtype) for kind, group in tensors.items()})
     for kind, data in files.items():
         atomic_write(sample_path(output, kind, s.id), lambda f, d=data: f.write(d))
     return {

@@ -2,6 +2,7 @@
 (referenced by class path from tests/conf/*.yaml), the CLI arguments of a toy run, random model
 inputs for the toy bundle and for the tiny FLUX config of tests/conf/tiny_flux.json."""
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -176,3 +177,11 @@ def randomize(model: MppFlux, groups=("layout", "modulation", "feedback", "lora"
         params += [p for n, p in model.backbone.named_parameters() if ".lora_B." in n]
     for p in params:
         p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def load_bench(name: str):
+    """The module of bench/<name>.py (the benches are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,6 +8,9 @@ import os
 import tempfile
 import warnings
 
+import torch
+from safetensors.torch import load, save
+
 FORMAT_VERSION = 1
 
 FILES = {
@@ -23,6 +26,18 @@ FILES = {
 def sample_path(root: str, kind: str, sample_id: str) -> str:
     folder, ext = FILES[kind]
     return os.path.join(root, folder, sample_id + ext)
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
+    """One sample's tensor file (safetensors), every tensor stored as `dtype`."""
+    return save({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()})
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """A tensor file written by :func:`tensors_to_bytes`. The whole file is read, then parsed: for a
+    sample's small files this is about 3× faster than ``safetensors.torch.load_file``'s memory map."""
+    with open(path, "rb") as f:
+        return load(f.read())
 
 
 def shard_manifest_name(shard_index: int, num_shards: int) -> str:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
-from tests.helpers import ROOT
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("flux_gpu", os.path.join(ROOT, "bench", "flux_gpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_bench
 
 
 def test_dry_run_prints_flops_and_memory_of_both_stages(capsys):
-    report = _bench().main(["--dry-run"])
+    report = load_bench("flux_gpu").main(["--dry-run"])
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
     s1, s2 = report["stages"]["1"], report["stages"]["2"]
