@@ -38,10 +38,12 @@ def load_module(configs: list[str], ckpt: str, overrides: list[str] | None = Non
     cli = MppCLI(MppModule, MppDataModule, run=False, args=args)
     module = cli.model
     module.configure_model()
-    state = load_checkpoint(ckpt)["state_dict"]
+    checkpoint = load_checkpoint(ckpt)
+    state = checkpoint["state_dict"]
     missing = sorted(module.owned_keys() - set(state))
     if missing:
         raise ValueError(f"{ckpt} lacks {len(missing)} of the model's weights, e.g. {missing[:5]}")
+    module.check_shapes(state, checkpoint.get("hyper_parameters"), ckpt)
     module.load_state_dict(state, strict=False)
     return module, cli.datamodule.resolution
 

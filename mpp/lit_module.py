@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 
 import lightning as L
 import torch
@@ -240,7 +240,25 @@ class MppModule(L.LightningModule):
         missing = sorted(self.owned_keys() - set(state))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} of this model's trainable weights, e.g. {missing[:5]}")
+        self.check_shapes(state, checkpoint.get("hyper_parameters"), self.trainer.ckpt_path or "checkpoint")
         self.micro_step = checkpoint["mpp"]["micro_step"]
+
+    def check_shapes(self, state: dict, hyper_parameters: dict | None, source: str) -> None:
+        """Refuses checkpoint weights whose shapes differ from this model's, naming the `--model.heads`
+        settings the checkpoint was trained with where they differ from this run's."""
+        own = {n: p.shape for n, p in self._named_parameters()}
+        changed = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k])]
+        if not changed:
+            return
+        trained = (hyper_parameters or {}).get("heads")
+        trained = asdict(trained) if is_dataclass(trained) else dict(trained or {})
+        current = asdict(self.heads)
+        flags = [f"--model.heads.{k}={v} (this run: {current[k]})" for k, v in sorted(trained.items())
+                 if k in current and v != current[k]]
+        first = changed[0]
+        raise ValueError(f"{source}: {len(changed)} weights differ in shape from this run's model (e.g. {first}: "
+                         f"{tuple(state[first].shape)} there, {tuple(own[first])} here); the checkpoint was trained "
+                         f"with {', '.join(flags) if flags else 'other --model.heads settings'}: pass the same")
 
     # ----- steps -------------------------------------------------------------------------------
     def _generator(self, *parts: int) -> torch.Generator:

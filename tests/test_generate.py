@@ -72,6 +72,13 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     for name in ("shot1.png", "shot1_boxes.png", "shot5.png", "shot5_boxes.png"):
         assert np.array_equal(np.asarray(Image.open(out / name)),
                               np.asarray(Image.open(tmp_path / "runs/generated/stage1" / name)))
+    # a head setting other than the checkpoint's: refused, naming the setting it was trained with
+    other = "--model.heads.modulation_grid=2"
+    with pytest.raises(ValueError, match=r"modulation_grid=4 \(this run: 2\)"):
+        mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
+                  "--layouts", "layouts.jsonl", "--out", str(tmp_path / "other"), *overrides, other])
+    with pytest.raises(ValueError, match=r"modulation_grid=4 \(this run: 2\)"):
+        cli_main([*predict, other])
     no_ckpt = [a for a in predict if not a.startswith("--ckpt_path")]
     with pytest.raises(ValueError, match="--ckpt_path"):
         cli_main(no_ckpt)
