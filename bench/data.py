@@ -29,7 +29,6 @@ workers' cores (toy data: 2706 vs 3594 samples/s on 2 cores).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -38,18 +37,11 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from mpp.data.layout import (
-    atomic_write,
-    atomic_write_json,
-    read_manifest,
-    read_tensors,
-    sample_path,
-    tensors_to_bytes,
-    write_manifest,
-)
+from mpp.data.layout import atomic_write_json, read_manifest, read_tensors, sample_path, write_manifest
+from mpp.data.raw import RawSample
 from mpp.datamodule import MppDataModule
 from mpp.encoders import EncoderSettings
-from mpp.prepare import prepare_info
+from mpp.prepare import prepare_info, write_sample
 from mpp.toy.bundle import toy_encoder_settings
 from mpp.toy.prepare import ToyData
 
@@ -81,7 +73,8 @@ def flux_sized_encoders(root: str) -> EncoderSettings:
 
 
 def write_flux_sized(root: str, samples: int, encoders: EncoderSettings) -> None:
-    """`samples` random samples of FLUX.1's stored shapes, in FLUX_BUCKETS in turn, 1-4 instances each."""
+    """`samples` random samples of FLUX.1's stored shapes, in FLUX_BUCKETS in turn, 1-4 instances each,
+    written by preparation's own writer (`mpp.prepare.write_sample`)."""
     from tqdm import tqdm
 
     if os.path.exists(os.path.join(root, "manifest.jsonl")):
@@ -89,27 +82,19 @@ def write_flux_sized(root: str, samples: int, encoders: EncoderSettings) -> None
     g = torch.Generator().manual_seed(0)
     records = []
     for i in tqdm(range(samples), desc="writing FLUX-sized samples", unit="sample"):
-        sid, (w, h) = f"{i:08d}", FLUX_BUCKETS[i % len(FLUX_BUCKETS)]
-        n = 1 + i % 4
+        (w, h), n = FLUX_BUCKETS[i % len(FLUX_BUCKETS)], 1 + i % 4
         corner = torch.rand(n, 2, generator=g) * 0.5
         boxes = torch.cat([corner, corner + 0.1 + torch.rand(n, 2, generator=g) * 0.4], dim=1)
-        caption = {"caption": "a scene", "num_instances": n,
-                   "instances": [{"bbox": b, "caption": "a thing", "foreground": k % 2 == 0, "reference": None}
-                                 for k, b in enumerate(boxes.tolist())]}
+        sample = RawSample(id=f"{i:08d}", image=torch.zeros(3, h, w), caption="a scene", boxes=boxes,
+                           instance_captions=["a thing"] * n, foreground=[k % 2 == 0 for k in range(n)],
+                           references=[None] * n, reference_paths=[None] * n, source_size=(w, h), bucket=(w, h))
         tensors = {"latents": {"latents": torch.randn(16, h // 8, w // 8, generator=g)},
                    "clip": {"embeds": torch.randn(n, 768, generator=g)},
                    "dino": {"embeds": torch.randn(n, 1024, generator=g)},
                    "text": {"prompt_embeds": torch.randn(512, 4096, generator=g),
                             "pooled_prompt_embeds": torch.randn(768, generator=g),
                             "instance_embeds": torch.randn(n, 768, generator=g)}}
-        files = {"caption": json.dumps(caption).encode()}
-        files.update({kind: tensors_to_bytes(group, torch.bfloat16) for kind, group in tensors.items()})
-        for kind, data in files.items():
-            atomic_write(sample_path(root, kind, sid), lambda f, d=data: f.write(d))
-        records.append({"id": sid, "width": w, "height": h, "bucket": [w, h], "source_size": [w, h],
-                        "latent_shape": [16, h // 8, w // 8], "num_instances": n, "dropped_instances": 0,
-                        "clipped_instances": 0,
-                        "files": {kind: hashlib.sha256(data).hexdigest() for kind, data in files.items()}})
+        records.append(write_sample(root, sample, tensors, torch.bfloat16))
     atomic_write_json(os.path.join(root, "prepare.json"), prepare_info(encoders, 1024, "bfloat16", FLUX_BUCKETS))
     write_manifest(os.path.join(root, "manifest.jsonl"), records)
 

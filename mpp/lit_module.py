@@ -211,13 +211,8 @@ class MppModule(L.LightningModule):
         unknown = sorted(set(ckpt["state_dict"]) - self.owned_keys())
         if unknown:
             raise ValueError(f"{path}: checkpoint holds {len(unknown)} weights this model lacks, e.g. {unknown[:5]}")
-        own = {n: p.shape for n, p in self._named_parameters()}
         state = {k: v for k, v in ckpt["state_dict"].items() if k in expected_keys}
-        changed = [f"{k} {tuple(v.shape)} there, {tuple(own[k])} here" for k, v in state.items()
-                   if v.shape != own[k]]
-        if changed:
-            raise ValueError(f"{path}: the stage-{stage} run had other --model.heads settings; {len(changed)} trained "
-                             f"weights differ in shape, e.g. {changed[:3]}")
+        self.check_shapes(state, ckpt.get("hyper_parameters"), f"{path} (stage {stage})")
         self.load_state_dict(state, strict=False)
         log.info("loaded %d weights of stage %d from %s", len(state), stage, path)
 
@@ -256,9 +251,10 @@ class MppModule(L.LightningModule):
         flags = [f"--model.heads.{k}={v} (this run: {current[k]})" for k, v in sorted(trained.items())
                  if k in current and v != current[k]]
         first = changed[0]
-        raise ValueError(f"{source}: {len(changed)} weights differ in shape from this run's model (e.g. {first}: "
-                         f"{tuple(state[first].shape)} there, {tuple(own[first])} here); the checkpoint was trained "
-                         f"with {', '.join(flags) if flags else 'other --model.heads settings'}: pass the same")
+        raise ValueError(f"{source}: trained with other --model.heads settings; {len(changed)} weights differ in "
+                         f"shape from this run's model (e.g. {first}: {tuple(state[first].shape)} there, "
+                         f"{tuple(own[first])} here){'; it was trained with ' + ', '.join(flags) if flags else ''}: "
+                         "pass the same")
 
     # ----- steps -------------------------------------------------------------------------------
     def _generator(self, *parts: int) -> torch.Generator:

@@ -124,7 +124,8 @@ def _encode_sample(enc: Encoders, s: RawSample) -> dict[str, dict[str, torch.Ten
     }
 
 
-def _write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) -> dict:
+def write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) -> dict:
+    """Writes one prepared sample's files (image, caption, tensors as `dtype`) and returns its manifest record."""
     from PIL import Image
 
     img = ((s.image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -242,7 +243,7 @@ def prepare_dataset(
                 log.warning("skipping sample %s: %s", s.sample_id, s)
                 result.errors.append((s.sample_id, str(s)))
                 continue
-            record = _write_sample(output, s, _encode_sample(enc, s), store)
+            record = write_sample(output, s, _encode_sample(enc, s), store)
             manifest.write(json.dumps(record, sort_keys=True) + "\n")
             manifest.flush()
             os.fsync(manifest.fileno())

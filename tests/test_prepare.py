@@ -97,7 +97,7 @@ def _copy_raw(toy_raw, tmp_path, n=6):
 def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch):
     raw, ids = _copy_raw(toy_raw, tmp_path)
     out = str(tmp_path / "out")
-    real_write = prepare_mod._write_sample
+    real_write = prepare_mod.write_sample
     calls = []
 
     def crash_on_fourth(output, s, tensors, dtype):
@@ -109,10 +109,10 @@ def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_write(output, s, tensors, dtype)
 
-    monkeypatch.setattr(prepare_mod, "_write_sample", crash_on_fourth)
+    monkeypatch.setattr(prepare_mod, "write_sample", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(str(raw), out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
-    monkeypatch.setattr(prepare_mod, "_write_sample", real_write)
+    monkeypatch.setattr(prepare_mod, "write_sample", real_write)
     assert [r["id"] for r in read_manifest(os.path.join(out, "manifest.jsonl"))] == ids[:3]
 
     # a finished sample whose file was damaged afterwards is redone too
