@@ -6,13 +6,21 @@ import ctypes
 import signal
 import sys
 
+import torch.multiprocessing
+
 PR_SET_PDEATHSIG = 1
 
 
 def worker_init(worker_id: int) -> None:
     """A worker ignores SIGTERM and SIGUSR1 (a scheduler signalling the whole process group means
     the trainer, which checkpoints and then shuts its workers down), and on Linux dies with its
-    parent, so a SIGKILLed trainer leaves no orphaned workers."""
+    parent, so a SIGKILLed trainer leaves no orphaned workers.
+
+    It hands its batches over by shared-memory file name (torch's ``file_system`` strategy) rather
+    than by passing a file descriptor over a socket, which cost about 1.6 ms a batch. The setting is
+    the worker process's own; the trainer's is left as it is. torch's shared-memory manager removes
+    the files of a worker that dies."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
