@@ -5,7 +5,6 @@ import sys
 import time
 
 import pytest
-
 import torch
 from torch.utils.data import DataLoader
 
