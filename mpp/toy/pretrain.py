@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 PRETRAIN_INDEX_OFFSET = 20_000_000  # training scenes: disjoint from datasets (0..) and the codec fit (10M..)
 HELDOUT_INDEX_OFFSET = 30_000_000  # the fixed held-out batch behind initial_loss / final_loss
 # Budget for real use (``python -m mpp.toy models``, configs/toy.yaml): 1200 steps at batch 32, about
-# 10 minutes on two CPU threads. Not converged; with fewer steps the samples are per-patch colour
+# 5 minutes on two CPU threads. Not converged; with fewer steps the samples are per-patch colour
 # noise that no layout head can place.
 DEFAULT_PRETRAIN_STEPS = 1200
 HELDOUT_SIZE = 64
@@ -156,8 +156,9 @@ def pretrain_toy_backbone(
     if steps < 0 or batch_size < 1 or num_scenes < 1:
         raise ValueError(f"need steps >= 0, batch_size >= 1 and num_scenes >= 1 "
                          f"(got {steps}, {batch_size}, {num_scenes})")
-    # At most two intra-op threads: at batch 32 the 128-wide toy model takes 0.74 s/step on one and
-    # 0.51 s on two; more add spin-waiting, which on a loaded CPU made steps up to 10x slower.
+    # At most two intra-op threads: at batch 32 the 128-wide toy model took 0.74 s/step on one and
+    # 0.51 s on two (0.25 s on two by late 2026); more add spin-waiting, which on a loaded CPU made
+    # steps up to 10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
