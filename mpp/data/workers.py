@@ -17,9 +17,9 @@ def worker_init(worker_id: int) -> None:
     parent, so a SIGKILLed trainer leaves no orphaned workers.
 
     It hands its batches over by shared-memory file name (torch's ``file_system`` strategy) rather
-    than by passing a file descriptor over a socket (a toy batch: 1.4 ms against 1.9 ms). The setting is
-    the worker process's own; the trainer's is left as it is. torch's shared-memory manager removes
-    the files of a worker that dies."""
+    than by passing a file descriptor over a socket (a toy batch: 1.4 ms against 1.9 ms). The
+    setting is the worker process's own; the trainer's is left as it is. torch's shared-memory
+    manager removes the files of a worker that dies."""
     torch.multiprocessing.set_sharing_strategy("file_system")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
