@@ -36,7 +36,10 @@ import time
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPVisionConfig, Dinov2Config, T5Config
 
+from mpp.data.buckets import Buckets
 from mpp.data.layout import atomic_write_json, read_manifest, read_tensors, sample_path, write_manifest
 from mpp.data.raw import RawSample
 from mpp.datamodule import MppDataModule
@@ -54,14 +57,12 @@ def bare_read(root: str, records: list[dict], reader=load_file) -> None:
             reader(sample_path(root, kind, r["id"]))
 
 
-FLUX_BUCKETS = [(1024, 1024), (1344, 768), (1536, 640)]
+FLUX_BUCKETS = Buckets(aspect_ratios=[1.0, 16 / 9, 2.39], portrait=False).resolve(1024)
 
 
 def flux_sized_encoders(root: str) -> EncoderSettings:
     """Config-only encoder folders with FLUX.1-dev's, CLIP-L's and DINOv2-L's widths (no weights:
     the DataModule reads only the configs)."""
-    from transformers import CLIPTextConfig, CLIPVisionConfig, Dinov2Config, T5Config
-
     folders = {"flux/text_encoder": CLIPTextConfig(hidden_size=768), "flux/text_encoder_2": T5Config(d_model=4096),
                "clip_vision": CLIPVisionConfig(projection_dim=768), "dino": Dinov2Config(hidden_size=1024)}
     for sub, config in folders.items():
@@ -75,8 +76,6 @@ def flux_sized_encoders(root: str) -> EncoderSettings:
 def write_flux_sized(root: str, samples: int, encoders: EncoderSettings) -> None:
     """`samples` random samples of FLUX.1's stored shapes, in FLUX_BUCKETS in turn, 1-4 instances each,
     written by preparation's own writer (`mpp.prepare.write_sample`)."""
-    from tqdm import tqdm
-
     if os.path.exists(os.path.join(root, "manifest.jsonl")):
         return
     g = torch.Generator().manual_seed(0)

@@ -1,3 +1,6 @@
+"""mpp.data.workers: what a DataLoader worker does with signals, how it hands batches over, and
+that a killed trainer leaves neither workers nor shared memory behind."""
+
 import os
 import signal
 import subprocess
@@ -30,7 +33,7 @@ def test_workers_ignore_sigterm_and_hand_batches_over_by_file_name_leaving_the_t
 
 
 KILLED_TRAINER = """
-import os, sys, time
+import os, time
 import torch
 from torch.utils.data import DataLoader
 from mpp.data.dataset import pack, unpack
