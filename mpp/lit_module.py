@@ -281,7 +281,7 @@ class MppModule(L.LightningModule):
                 total = total + cfg.dino_identity_weight * ident[0]
                 logs[f"{prefix}loss/dino_identity"] = ident[0]
                 logs[f"{prefix}metrics/dino_similarity_mean"] = ident[1]
-        bce = alpha_loss(out.alpha_logit, roles, valid)
+        bce = alpha_loss(out.alpha_logit, roles, valid & out.has_reference)  # α is 0 without a reference
         if bce is not None:
             logs[f"{prefix}loss/alpha_bce"] = bce
             if cfg.alpha_bce_weight > 0 and "alpha" in STAGE_GROUPS[self.stage]:

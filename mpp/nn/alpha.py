@@ -1,5 +1,11 @@
-"""Alpha predictor: α_k = σ(MLP[c_k, d_k, geom(b_k)]) ∈ (0, 1), identity-bearing foreground (high)
-versus layout-only background element (low)."""
+"""Alpha predictor: α_k = r_k · σ(MLP[c_k, d_k, geom(b_k)]) ∈ [0, 1), identity-bearing foreground
+(high) versus layout-only background element (low), where r_k is 1 when the instance's reference
+reached the heads and 0 when it is missing or dropped (its embeddings are the learned null ones).
+
+Without a reference there is no identity to keep, so α is 0 by construction rather than by what the
+MLP makes of the null embeddings; the MLP only separates referenced instances (and is trained only
+on them). Learned, that split generalised badly: trained on a few characters' references against the
+null point, the MLP put unseen characters' references on either side (docs/decisions.md)."""
 
 from __future__ import annotations
 
@@ -32,3 +38,8 @@ class AlphaPredictor(nn.Module):
         (BCE with logits is autocast-safe, BCE on σ is not)."""
         x = torch.cat([clip, dino, box_geometry(boxes)], dim=-1)
         return self.mlp(x).squeeze(-1)
+
+
+def gate_alpha(logit: Tensor, has_reference: Tensor) -> Tensor:
+    """P logits and P bool → α: σ(logit) where the reference reached the heads, 0 elsewhere."""
+    return torch.sigmoid(logit) * has_reference.to(logit.dtype)

@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
-from .alpha import AlphaPredictor
+from .alpha import AlphaPredictor, gate_alpha
 from .assemble_attn import InstanceLayout, box_centre_ids, box_mean, build_layout
 from .blocks import AssembleInput, double_block_forward, single_block_forward
 from .config import DEFAULT_GUIDANCE, HeadsConfig
@@ -33,8 +33,9 @@ STAGE_GROUPS = {
 @dataclass
 class MppOutput:
     velocity: Tensor  # B×C×h×w predicted flow (noise − x0)
-    alpha: Tensor  # B×N in (0, 1), padding entries 0
-    alpha_logit: Tensor  # B×N logits of α (padding entries 0): what the α loss takes
+    alpha: Tensor  # B×N in [0, 1): 0 for padding and for instances whose reference did not reach the heads
+    alpha_logit: Tensor  # B×N logits of the predictor (padding entries 0): what the α loss takes where
+    # a reference reached the heads
     has_reference: Tensor  # B×N bool: the instance's reference embeddings reached the heads (not missing, not dropped)
     feedback_magnitude: Tensor | None  # mean ‖bridge output‖ / mean ‖instance token‖, None without bridges/instances
 
@@ -237,7 +238,7 @@ class MppFlux(nn.Module):
                                                                     instance_text)
             has_reference = has_reference.index_put((pb, pk), kept)
             logit = self.alpha_predictor(clip_p, dino_p, box_p)
-            alpha = torch.sigmoid(logit)
+            alpha = gate_alpha(logit, kept)
             alpha_out = alpha_out.to(alpha.dtype).index_put((pb, pk), alpha)
             logit_out = logit_out.to(logit.dtype).index_put((pb, pk), logit)
             if self.instance_encoder is not None:
@@ -289,8 +290,8 @@ class MppFlux(nn.Module):
         out = torch.zeros(instance_mask.shape, device=boxes.device)
         if pb.numel() == 0:
             return out
-        clip_p, dino_p, _, box_p, _ = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
-        alpha = torch.sigmoid(self.alpha_predictor(clip_p, dino_p, box_p))
+        clip_p, dino_p, _, box_p, kept = self._pair_inputs(pb, pk, boxes, clip_embeds, dino_embeds, instance_text)
+        alpha = gate_alpha(self.alpha_predictor(clip_p, dino_p, box_p), kept)
         return out.to(alpha.dtype).index_put((pb, pk), alpha)
 
 
