@@ -34,6 +34,17 @@ def toy_conditioning(b: int, n: int, generator: torch.Generator, *, txt_len: int
             "dino_embeds": randn(b, n, dino_width)}
 
 
+class PoisonBeforeValidation(L.Callback):
+    """Writes NaN into one trainable weight as the first real validation starts: every training step
+    before it was finite, and the model that validation sees has diverged."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        with torch.no_grad():
+            next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
+
+
 class Recorder(L.Callback):
     """Records each training batch's loss and sample ids; writes them per rank at the end."""
 

@@ -65,6 +65,15 @@ def test_a_diverging_run_stops_naming_step_rank_and_samples_and_saves_nothing_no
     assert not (folder / "step=0000100.ckpt").exists()
 
 
+def test_a_non_finite_validation_loss_stops_the_run_before_anything_is_ranked_by_it(in_tmp, toy_models,
+                                                                                     toy_prepared):
+    with pytest.raises(NonFiniteError, match=r"validation val/loss is nan after global step 2"):
+        main(fit_args(1, toy_models, toy_prepared, "--trainer.callbacks+=tests.helpers.PoisonBeforeValidation"))
+    saved = _ckpts(in_tmp / "runs/checkpoints/stage1")
+    assert [os.path.basename(p) for p in saved] == ["step=0000001.ckpt", "step=0000002.ckpt"]
+    assert all(_all_finite(p) for p in saved)
+
+
 def _trainable(path, keys):
     state = load_checkpoint(path)["state_dict"]
     return {k: state[k] for k in keys}
