@@ -27,12 +27,14 @@ rates); the control at stage 1's. Everything else is the
 stage configs with configs/toy.yaml. Prints one JSON line
 `{"arms": {"stage1": …, "stage1_control": …, "stage2": …, "stage3": …}, "training": …, …}` (training:
 each arm's steps, and the first and last fifth of its TensorBoard curves) and writes each arm's
-generated images (with box overlays) under <workdir>/<arm>/generated.
+generated images (with box overlays) under <workdir>/<arm>/generated. An arm folder that already
+holds checkpoints (an earlier or killed run) is refused: rerun in another --workdir.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -93,11 +95,21 @@ def _paths(root: str, models: str) -> list[str]:
             f"--data.encoders.dino={os.path.join(models, 'dino')}"]
 
 
+def check_fresh_arm(workdir: str) -> None:
+    """Refuses an arm folder that already holds checkpoints (an earlier or killed run of the bench):
+    the new run would write beside them, and `final.ckpt` could be the old run's."""
+    found = glob.glob(os.path.join(glob.escape(workdir), "**", "*.ckpt"), recursive=True)
+    if found:
+        raise ValueError(f"{workdir} already holds {len(found)} checkpoints of an earlier run (e.g. {found[0]}); "
+                         "give another --workdir (its prepared data and judge are rebuilt) or delete that folder")
+
+
 def train(name: str, stage: int, max_steps: int, *, root: str, models: str, ckpt: str | None,
           extra: list[str]) -> dict:
     """Fits `stage` in <root>/<name> up to optimizer step `max_steps` (a same-stage `ckpt` resumes at
     its step; a previous stage's starts from its weights at step 0); saves final.ckpt there."""
     workdir = os.path.join(root, name)
+    check_fresh_arm(workdir)
     os.makedirs(workdir, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(workdir)
