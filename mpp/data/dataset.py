@@ -61,19 +61,19 @@ class PreparedDataset(Dataset):
         n = record["num_instances"]
         boxes = torch.tensor([inst["bbox"] for inst in caption["instances"]], dtype=torch.float32).reshape(-1, 4)
         fg = instance_roles(caption["instances"])
-        # generation gives an instance without a reference image no image embeddings (the model's null
-        # ones stand in); preparation embedded such an instance's own crop, which training shows only
-        # where the crop is the instance's identity (a foreground self-reference)
-        cropped = torch.tensor([not inst.get("reference") for inst in caption["instances"]], dtype=torch.bool)
-        no_image = (cropped & (fg != 1))[:, None]
-        if len(clip) == len(dino) == len(no_image):  # rows that disagree are reported by validate_sample
-            clip, dino = clip.masked_fill(no_image, 0.0), dino.masked_fill(no_image, 0.0)
         sample = {
             "id": sid, "latents": latents, "boxes": boxes, "foreground": fg,
             "clip_embeds": clip, "dino_embeds": dino, "instance_text": text["instance_embeds"],
             "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
         }
         validate_sample(sample, n=n, latent_shape=record["latent_shape"], shapes=self.shapes, dtype=self.dtype)
+        # generation gives an instance without a reference image no image embeddings (the model's null
+        # ones stand in); preparation embedded such an instance's own crop, which training shows only
+        # where the crop is the instance's identity (a foreground self-reference)
+        cropped = torch.tensor([not inst.get("reference") for inst in caption["instances"]], dtype=torch.bool)
+        no_image = (cropped & (fg != 1))[:, None]
+        for key in ("clip_embeds", "dino_embeds"):
+            sample[key] = sample[key].masked_fill(no_image, 0.0)
         return sample
 
 
