@@ -1,6 +1,6 @@
 """Sampling a trained `mpp.nn.MppFlux` without Lightning: FLUX's flow-matching Euler schedule, with
-optional classifier-free guidance on the layout. Training's image logger, `predict`, `mpp generate`
-and the export's Python API all sample through here."""
+optional classifier-free guidance on the layout and on the references. Training's image logger,
+`predict`, `mpp generate` and the export's Python API all sample through here."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class SamplingConfig:
             (`mpp.flow.resolution_shift`, as FluxPipeline does), so each size gets its own.
         seed: base seed; layout `i` of a generation is sampled from seed + i.
         layout_guidance: classifier-free guidance scale on the layout (1: off); see `sample_latents`.
+        identity_guidance: guidance scale on the reference images alone (None: the same as
+            `layout_guidance`, which then guides layout and references together); see `sample_latents`.
     """
 
     steps: int = 28
@@ -35,6 +37,26 @@ class SamplingConfig:
     resolution_shift: bool = False
     seed: int = 0
     layout_guidance: float = 1.0
+    identity_guidance: float | None = None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"sampling.steps must be >= 1, got {self.steps}")
+        for name in ("layout_guidance", "identity_guidance"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"sampling.{name} must be >= 0, got {value}")
+
+
+def _without_references(cond: dict) -> dict:
+    """The same conditioning with every instance's reference removed (its image embeddings zeroed, so
+    the learned null ones stand in, α = 0 and no identity offsets), as for an instance given none."""
+    return {**cond, "clip_embeds": torch.zeros_like(cond["clip_embeds"]),
+            "dino_embeds": torch.zeros_like(cond["dino_embeds"])}
+
+
+def _without_instances(cond: dict) -> dict:
+    return {**cond, "instance_mask": torch.zeros_like(cond["instance_mask"])}
 
 
 @torch.no_grad()
@@ -43,24 +65,35 @@ def sample_latents(model, batch: dict, noise: Tensor, sampling: SamplingConfig, 
     """Euler-integrates `model` (an `mpp.nn.MppFlux`) from `noise` for the layouts of `batch`, feeding
     `guidance` to a guidance-distilled backbone.
 
-    `sampling.layout_guidance` s ≠ 1 is classifier-free guidance on the layout: v = v₀ + s·(v − v₀),
-    where v₀ is the same model with every instance masked out, which is exactly the backbone (plus
-    LoRA where scoped) without mpp's heads. Both run as one batch of twice the size.
+    Guidance composes two classifier-free terms (as InstructPix2Pix does for its two conditions):
+
+        v = v₀ + s_l·(v_r − v₀) + s_id·(v − v_r)
+
+    where v is the model with everything, v_r the same without any reference image (each instance
+    keeps its box and caption), v₀ without any instance, which is exactly the backbone (plus LoRA
+    where scoped) without mpp's heads; s_l is `sampling.layout_guidance`, s_id
+    `sampling.identity_guidance`. With s_id = s_l (the default) this is v₀ + s·(v − v₀); terms whose
+    scale is 1 drop out. The branches needed run as one batch.
     """
-    scale = sampling.layout_guidance
-    cond = {k: batch[k] for k in CONDITIONING}
-    if scale != 1.0:
-        cond = {k: torch.cat([v, v]) for k, v in cond.items()}
-        n = len(noise)
-        cond["instance_mask"] = torch.cat([batch["instance_mask"], torch.zeros_like(batch["instance_mask"])])
+    s_l = sampling.layout_guidance
+    s_id = s_l if sampling.identity_guidance is None else sampling.identity_guidance
+    full = {k: batch[k] for k in CONDITIONING}
+    if s_id == s_l:  # v₀ + s·(v − v₀)
+        branches, weights = [full, _without_instances(full)], [s_l, 1 - s_l]
+    else:
+        branches = [full, _without_references(full), _without_instances(full)]
+        weights = [s_id, s_l - s_id, 1 - s_l]
+    keep = [i for i, w in enumerate(weights) if w != 0]
+    branches, weights = [branches[i] for i in keep], [weights[i] for i in keep]
+    cond = {k: torch.cat([c[k] for c in branches]) for k in CONDITIONING}
+    n, m = len(noise), len(branches)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        if scale == 1.0:
-            return model(latents=x, timesteps=t, guidance=torch.full_like(t, guidance), **cond).velocity
-        t2 = torch.cat([t, t])
-        v, v0 = model(latents=torch.cat([x, x]), timesteps=t2, guidance=torch.full_like(t2, guidance),
-                      **cond).velocity.split(n)
-        return v0 + scale * (v - v0)
+        xs, ts = torch.cat([x] * m), torch.cat([t] * m)
+        vs = model(latents=xs, timesteps=ts, guidance=torch.full_like(ts, guidance), **cond).velocity.split(n)
+        if m == 1:
+            return vs[0]
+        return sum(w * v for w, v in zip(weights, vs, strict=True))
 
     shift = shift_for(tuple(noise.shape[-2:]), sampling.shift, sampling.resolution_shift)
     return euler_sample(velocity, noise, steps=sampling.steps, shift=shift)
