@@ -3,14 +3,19 @@ against a control that continues stage 1 from the same checkpoint, each for a fi
 optimizer steps (so the figures do not depend on what else runs on the machine).
 
     python bench/toy_stages.py [--steps1 3600] [--steps2 1800] [--steps3 1000] [--control_steps 3600]
-                               [--layouts 48] [--eval_seed 1]
-                               [--unseen 8] [--identities 32] [--steps 28] [--workdir .cache/bench/toy_stages]
-                               [--models .cache/toy/models] [-- extra CLI overrides for every arm]
+                               [--layouts 64] [--eval_seed 1] [--unseen 8] [--identities 120]
+                               [--describe 0.5] [--eval_describe 0] [--boxes 48 96] [--steps 28]
+                               [--workdir .cache/bench/toy_stages] [--models .cache/bench/toy_stages_models]
+                               [-- extra CLI overrides for every arm]
 
-Held-out layouts are scenes of layout seed `--eval_seed` whose characters are `--unseen` colour ×
-shape × texture combinations that no training scene shows (each colour, shape and texture is seen
-in training, never in that combination), each given by its reference image and named in its
-caption; background elements have their caption only. Every arm generates them and is scored on:
+The bench's world is configs/toy.yaml's with three changes (IDENTITIES, DESCRIBE, BOXES): 120
+characters, half of their training appearances captioned by shape alone ("a hexagon"), and boxes
+of 48-96 px. Its toy bundle is built for that world in `--models` on the first run (about 10
+minutes, in stage 1's time). Held-out layouts are scenes of layout seed `--eval_seed` whose
+characters are `--unseen` colour × shape × texture combinations that no training scene shows (each
+colour, shape and texture is seen in training, never in that combination), each given by its
+reference image and named by its shape alone (`--eval_describe 0`), so its looks come from the
+reference; background elements have their caption only. Every arm generates them and is scored on:
 
 - `miou`, `success_at_0.5`: placement of every instance (the toy colour detector);
 - `identity_accuracy`: the referenced characters' colour, shape and texture all right, by the toy
@@ -72,6 +77,11 @@ TOY_IDENTITY = "--model.loss.dino_identity_weight=1"
 STAGE_FLAGS = {2: ["--model.lr_scale={instance_encoder: 0, layout: 0, lora: 0}", TOY_IDENTITY], 3: [TOY_IDENTITY]}
 with open(TOY) as _f:
     TOY_WORLD = yaml.safe_load(_f)["data"]["toy"]
+# The bench's world (docs/decisions.md, "A world where the reference carries the looks"): 120 of the
+# 160 characters, so an unseen one shares each attribute with many seen ones; half of the training
+# captions name only a character's shape, as a real caption says "a man"; boxes of 3-6 tokens a
+# side, so a shape can be drawn at all.
+IDENTITIES, DESCRIBE, BOXES = 120, 0.5, [48, 96]
 CURVES = ("loss/flow_matching", "loss/dino_identity", "metrics/dino_similarity_mean", "metrics/alpha_mean",
           "metrics/alpha_fg_ratio", "metrics/alpha_auc", "loss/alpha_bce", "metrics/feedback_magnitude")
 
@@ -194,14 +204,23 @@ def main() -> None:
     p.add_argument("--steps3", type=int, default=1000, help="stage 3's optimizer steps")
     p.add_argument("--control_steps", type=int, default=None,
                    help="the control's steps after stage 1 (default: 2 × --steps2)")
-    p.add_argument("--layouts", type=int, default=48, help="held-out layouts to generate")
+    p.add_argument("--layouts", type=int, default=64, help="held-out layouts to generate")
     p.add_argument("--eval_seed", type=int, default=1, help="layout seed of the held-out scenes")
     p.add_argument("--unseen", type=int, default=8, help="unseen characters in the held-out scenes")
-    p.add_argument("--identities", type=int, default=TOY_WORLD["num_identities"],
+    p.add_argument("--identities", type=int, default=IDENTITIES,
                    help="characters in the training world (of 160 combinations)")
+    p.add_argument("--describe", type=float, default=DESCRIBE,
+                   help="share of training appearances whose caption names a character's colour and texture "
+                        "(the rest name only its shape)")
+    p.add_argument("--eval_describe", type=float, default=0.0,
+                   help="the same for the held-out layouts (0: each unseen character's looks come from its "
+                        "reference only)")
+    p.add_argument("--boxes", type=int, nargs=2, default=BOXES, metavar=("MIN", "MAX"),
+                   help="sides of the training and held-out scenes' boxes, in pixels")
     p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_stages"))
-    p.add_argument("--models", default=os.path.join(ROOT, ".cache/toy/models"), help="toy model bundle")
+    p.add_argument("--models", default=os.path.join(ROOT, ".cache/bench/toy_stages_models"),
+                   help="toy model bundle for the bench's world (built there on the first run)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads")
     p.add_argument("overrides", nargs="*", help="CLI overrides for every arm, after --")
     a = p.parse_args()
@@ -209,11 +228,14 @@ def main() -> None:
     root, models = os.path.abspath(a.workdir), os.path.abspath(a.models)
     # square frames only: the held-out scenes are square and the identity figures compare with runs 1-3
     # (configs/toy.yaml mixes in 16:9 and 2.39:1 frames for bench/toy_quality.py's widescreen set)
-    a.overrides = [f"--data.toy.num_identities={a.identities}", "--data.toy.aspect_ratios=[1.0]", *a.overrides]
+    a.overrides = [f"--data.toy.num_identities={a.identities}", f"--data.toy.describe_prob={a.describe}",
+                   f"--data.toy.min_box={a.boxes[0]}", f"--data.toy.max_box={a.boxes[1]}",
+                   "--data.toy.aspect_ratios=[1.0]", *a.overrides]
     os.makedirs(root, exist_ok=True)
     start = time.perf_counter()
     cast = unseen_cast(a.unseen, a.eval_seed, a.identities)
-    world = ToyWorld(seed=a.eval_seed, cast=cast)
+    world = ToyWorld(seed=a.eval_seed, cast=cast, describe_prob=a.eval_describe, min_box=a.boxes[0],
+                     max_box=a.boxes[1])
     layouts_path = os.path.join(root, "layouts.jsonl")
     write_layouts(layouts_path, seed=a.eval_seed, count=a.layouts, world=world)
 
@@ -244,7 +266,8 @@ def main() -> None:
                                    for name, r in runs.items()},
                       "judge": {"renders": judge_report,
                                 "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
-                      "unseen_cast": cast, "identities": a.identities,
+                      "unseen_cast": cast, "identities": a.identities, "describe": a.describe,
+                      "eval_describe": a.eval_describe, "boxes": a.boxes,
                       "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 

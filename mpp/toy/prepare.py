@@ -24,7 +24,7 @@ from mpp.prepare import PrepareResult, prepare_dataset
 from .bundle import toy_encoder_settings
 from .models import build_toy_models
 from .pretrain import DEFAULT_PRETRAIN_STEPS
-from .scenes import ToyWorld, frames_for
+from .scenes import MAX_BOX, MIN_BOX, ToyWorld, frames_for
 from .vision import VISION_PRETRAIN_STEPS
 
 log = logging.getLogger(__name__)
@@ -33,17 +33,22 @@ log = logging.getLogger(__name__)
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
                 pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, vision_steps: int = 0, num_identities: int = 8,
                 encoders: EncoderSettings | None = None, num_shards: int = 1,
-                shard_index: int = 0, progress: bool = True, aspect_ratios: list[float] | None = None) -> PrepareResult:
+                shard_index: int = 0, progress: bool = True, aspect_ratios: list[float] | None = None,
+                describe_prob: float = 1.0, min_box: int = MIN_BOX, max_box: int = MAX_BOX) -> PrepareResult:
     """Builds the toy models (cached; the backbone pretrained as a text-to-image model for
     `pretrain_steps`, the vision encoders to see identity for `vision_steps`) and a toy dataset of a
     world with `num_identities` characters: raw scenes under output/source, in frames of
-    `aspect_ratios` (default square), prepared beside them in one bucket per ratio."""
+    `aspect_ratios` (default square), each character's looks named in its caption with probability
+    `describe_prob`, boxes of `min_box` to `max_box` pixels a side, prepared beside them in one bucket
+    per ratio. The models are those of the square world of these characters and boxes, every
+    character described."""
     ratios = [float(a) for a in aspect_ratios or [1.0]]
-    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities)
+    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box, max_box=max_box)
     build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
-    if ratios != [1.0]:
-        world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities,
-                         frames=frames_for(image_size, ratios))
+    if ratios != [1.0] or describe_prob != 1.0:
+        world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, describe_prob=describe_prob,
+                         min_box=min_box, max_box=max_box,
+                         frames=None if ratios == [1.0] else frames_for(image_size, ratios))
     buckets = Buckets(aspect_ratios=ratios, portrait=False)
     source = os.path.join(output, "source")
     marker = os.path.join(source, "toy.json")
@@ -52,6 +57,10 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
         wanted["num_identities"] = num_identities
     if ratios != [1.0]:
         wanted["aspect_ratios"] = ratios
+    if describe_prob != 1.0:
+        wanted["describe_prob"] = describe_prob
+    if (min_box, max_box) != (MIN_BOX, MAX_BOX):
+        wanted["boxes"] = [min_box, max_box]
     if os.path.exists(marker):
         with open(marker) as f:
             existing = json.load(f)
@@ -96,6 +105,13 @@ class ToyData:
             unseen one).
         aspect_ratios: the frames' aspect ratios (width / height ≥ 1), each scene in one of them and
             each prepared into its own bucket; `[1.0]` (default): square scenes only.
+        describe_prob: the share of characters' appearances whose caption names their colour and
+            texture as well as their shape; the rest name only the shape ("a cross"), leaving the
+            looks to the reference (`mpp.toy.scenes`). The toy models are built from the fully
+            described world whatever this is.
+        min_box: the shortest side of a scene's boxes, in pixels (the models are built for the
+            world of these boxes, so another size builds other models in `models_dir`).
+        max_box: the longest.
     """
 
     models_dir: str = ".cache/toy/models"
@@ -106,12 +122,16 @@ class ToyData:
     vision_steps: int = VISION_PRETRAIN_STEPS
     num_identities: int = 32
     aspect_ratios: list[float] = field(default_factory=lambda: [1.0])
+    describe_prob: float = 1.0
+    min_box: int = MIN_BOX
+    max_box: int = MAX_BOX
 
     def prepare(self, root: str, encoders: EncoderSettings) -> None:
         """Builds (or completes) the toy dataset in `root`, encoded with `encoders`."""
         result = prepare_toy(root, models_dir=self.models_dir, num_samples=self.num_samples, seed=self.seed,
                              image_size=self.image_size, pretrain_steps=self.pretrain_steps,
                              vision_steps=self.vision_steps, num_identities=self.num_identities, encoders=encoders,
-                             aspect_ratios=self.aspect_ratios)
+                             aspect_ratios=self.aspect_ratios, describe_prob=self.describe_prob,
+                             min_box=self.min_box, max_box=self.max_box)
         if result.errors:
             raise ValueError(f"toy preparation failed for {len(result.errors)} samples: {result.errors[:3]}")

@@ -7,6 +7,10 @@ The characters are drawn from ``identity_seed`` (``seed`` unless given), so held
 same characters come from another ``seed`` with the training world's ``identity_seed``; ``cast``
 names them explicitly instead (e.g. characters no training world shows).
 
+A character's caption names its colour, texture and shape ("a teal dotted cross") unless
+``describe_prob`` < 1: then each appearance names only the shape ("a cross") with probability
+1 − ``describe_prob``, as a real caption says "a man" and leaves who he is to the reference image.
+
 Frames are square (``image_size``²) unless ``frames`` lists (width, height) sizes: each scene then
 takes one of them (drawn from the scene's own generator), e.g. :func:`frames_for` of 16:9 and
 2.39:1 for widescreen footage, so preparation's aspect-ratio buckets have something to sort.
@@ -42,6 +46,8 @@ __all__ = [
     "ELEMENT_KINDS",
     "BACKGROUND_TONES",
     "SHAPES",
+    "MIN_BOX",
+    "MAX_BOX",
     "TEXTURES",
     "all_identities",
     "background",
@@ -86,6 +92,8 @@ BACKGROUND_TONES: dict[str, Color] = {
 BACKGROUND_TEXTURES = ("tiled", "striped")
 BACKGROUND_DARKEN = 0.92
 SHAPES = ("square", "circle", "cross", "hexagon")
+# sides of a scene's boxes, in pixels (the default world's)
+MIN_BOX, MAX_BOX = 28, 72
 TEXTURES = ("solid", "striped", "dotted", "plaid")
 _TEXTURE_WORD = {"solid": "", "striped": "striped", "dotted": "dotted", "plaid": "plaid"}
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -99,6 +107,11 @@ class Identity:
     color: Color
     color2: Color
     caption: str
+
+    @property
+    def shape_caption(self) -> str:
+        """The caption that names only the shape ("a cross"): the looks are left to the reference."""
+        return f"a {self.shape}"
 
 
 @dataclass
@@ -274,17 +287,20 @@ class ToyWorld:
         num_identities: int = 8,
         min_instances: int = 1,
         max_instances: int = 4,
-        min_box: int = 28,
-        max_box: int = 72,
+        min_box: int = MIN_BOX,
+        max_box: int = MAX_BOX,
         textured_background_prob: float = 0.5,
         seed: int = 0,
         foreground_prob: float = 0.6,
         identity_seed: int | None = None,
         cast: list[str] | None = None,
         frames: list[tuple[int, int]] | None = None,
+        describe_prob: float = 1.0,
     ):
         if not 1 <= num_identities <= len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS):
             raise ValueError(f"num_identities must be in [1, {len(SHAPES) * len(TEXTURES) * len(IDENTITY_COLORS)}]")
+        if not 0.0 <= describe_prob <= 1.0:
+            raise ValueError(f"describe_prob must be in [0, 1], got {describe_prob}")
         if not 1 <= min_instances <= max_instances:
             raise ValueError("need 1 <= min_instances <= max_instances")
         self.frames = None if frames is None else [(int(w), int(h)) for w, h in frames]
@@ -303,6 +319,7 @@ class ToyWorld:
         self.seed = int(seed)
         self.identity_seed = self.seed if identity_seed is None else int(identity_seed)
         self.foreground_prob = float(foreground_prob)
+        self.describe_prob = float(describe_prob)
         self.cast = None if cast is None else [identity_from_name(n).name for n in cast]
         if self.cast is not None:
             if not self.cast or len(set(self.cast)) != len(self.cast):
@@ -334,6 +351,8 @@ class ToyWorld:
             config["cast"] = list(self.cast)
         if self.frames is not None:
             config["frames"] = [list(f) for f in self.frames]
+        if self.describe_prob != 1.0:
+            config["describe_prob"] = self.describe_prob
         return config
 
     def __repr__(self) -> str:
@@ -383,6 +402,8 @@ class ToyWorld:
         if index < 0:
             raise ValueError("scene index must be >= 0")
         rng = np.random.default_rng((self.seed, int(index)))
+        # its own stream, so worlds that describe every character keep their scenes bit for bit
+        describe_rng = np.random.default_rng((self.seed, int(index), 0xDE5C))
         frame = self._frame(rng)
         image, bg_words = background(rng, frame[1], frame[0], self.textured_background_prob)
         count = int(rng.integers(self.min_instances, self.max_instances + 1))
@@ -410,7 +431,9 @@ class ToyWorld:
                 ident = self.identities[ident_order[ni]]
                 ni += 1
                 paint_identity(image, box, ident)
-                inst = ToyInstance(box, ident.caption, True, ident.name, ident.color)
+                described = self.describe_prob == 1.0 or bool(describe_rng.random() < self.describe_prob)
+                inst = ToyInstance(box, ident.caption if described else ident.shape_caption, True, ident.name,
+                                   ident.color)
             else:
                 cword, noun, shape, color = ELEMENT_KINDS[elem_order[ne]]
                 ne += 1

@@ -57,3 +57,31 @@ def test_a_widescreen_toy_world_is_prepared_into_one_bucket_per_ratio(toy_models
     assert set(result.buckets) <= {(128, 128), (176, 96), (192, 80)} and len(result.buckets) > 1
     assert json.loads((data / "prepare.json").read_text())["buckets"] == [[128, 128], [176, 96], [192, 80]]
     assert json.loads((data / "source/toy.json").read_text())["aspect_ratios"] == [1.0, 16 / 9, 2.39]
+
+
+def test_a_toy_world_that_names_only_shapes_is_recorded_and_not_mixed_with_another(toy_models, tmp_path):
+    models, data = tmp_path / "models", tmp_path / "data"
+    shutil.copytree(toy_models, models)
+    result = prepare_toy(str(data), models_dir=str(models), num_samples=6, pretrain_steps=0, progress=False,
+                         describe_prob=0.0)
+    assert not result.errors
+    assert json.loads((data / "source/toy.json").read_text())["describe_prob"] == 0.0
+    captions = [json.loads(p.read_text()) for p in sorted((data / "source/captions").glob("*.json"))]
+    characters = [i["caption"] for c in captions for i in c["instances"] if i["foreground"]]
+    assert characters and all(len(c.split()) == 2 for c in characters)  # "a cross": the shape only
+    with pytest.raises(ValueError, match="describe_prob"):  # the same folder asked for another world
+        prepare_toy(str(data), models_dir=str(models), num_samples=6, pretrain_steps=0, progress=False)
+
+
+def test_a_toy_world_of_larger_boxes_gets_models_built_for_it(toy_models, tmp_path):
+    models, data = tmp_path / "models", tmp_path / "data"
+    shutil.copytree(toy_models, models)
+    result = prepare_toy(str(data), models_dir=str(models), num_samples=4, pretrain_steps=0, progress=False,
+                         min_box=48, max_box=96)
+    assert not result.errors
+    assert json.loads((data / "source/toy.json").read_text())["boxes"] == [48, 96]
+    marker = json.loads((models / "mpp_toy.json").read_text())
+    assert (marker["world"]["min_box"], marker["world"]["max_box"]) == (48, 96)
+    sides = [s for p in (data / "source/captions").glob("*.json") for i in json.loads(p.read_text())["instances"]
+             for s in (i["bbox"][2] - i["bbox"][0], i["bbox"][3] - i["bbox"][1])]
+    assert sides and min(sides) >= 48 and max(sides) <= 96

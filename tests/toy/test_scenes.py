@@ -197,3 +197,28 @@ def test_widescreen_frames_hold_their_boxes_and_square_worlds_are_unchanged():
     assert all(np.array_equal(one.scene(i).image, ToyWorld(seed=0).scene(i).image) for i in range(3))
     with pytest.raises(ValueError, match="shortest frame side"):
         ToyWorld(seed=0, frames=[(200, 60)])
+
+
+def test_describe_prob_leaves_the_looks_to_the_reference_and_keeps_the_scenes():
+    full = ToyWorld(seed=0, num_identities=32)
+    half = ToyWorld(seed=0, num_identities=32, describe_prob=0.5)
+    none = ToyWorld(seed=0, num_identities=32, describe_prob=0.0)
+    described = []
+    for i in range(60):
+        a, b, c = full.scene(i), half.scene(i), none.scene(i)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.image, c.image)  # same scenes, other words
+        for x, y, z in zip(a.instances, b.instances, c.instances, strict=True):
+            assert x.bbox == y.bbox == z.bbox and x.identity == y.identity == z.identity
+            if not x.foreground:
+                assert x.caption == y.caption == z.caption
+                continue
+            ident = full.identity(x.identity)
+            assert x.caption == ident.caption and z.caption == f"a {ident.shape}"
+            assert y.caption in (ident.caption, z.caption)
+            described.append(y.caption == ident.caption)
+            assert z.caption in c.caption
+    assert 0.3 < np.mean(described) < 0.7
+    assert ToyWorld(**half.config).describe_prob == 0.5 and "describe_prob" not in full.config
+    assert all(w in full.vocabulary() for w in none.tokens(none.scene(0).caption))
+    with pytest.raises(ValueError, match="describe_prob"):
+        ToyWorld(describe_prob=1.5)
