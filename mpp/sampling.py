@@ -72,17 +72,14 @@ def sample_latents(model, batch: dict, noise: Tensor, sampling: SamplingConfig, 
     where v is the model with everything, v_r the same without any reference image (each instance
     keeps its box and caption), v₀ without any instance, which is exactly the backbone (plus LoRA
     where scoped) without mpp's heads; s_l is `sampling.layout_guidance`, s_id
-    `sampling.identity_guidance`. With s_id = s_l (the default) this is v₀ + s·(v − v₀); terms whose
-    scale is 1 drop out. The branches needed run as one batch.
+    `sampling.identity_guidance`. With s_id = s_l (the default) this is v₀ + s·(v − v₀); a branch
+    whose weight comes to 0 is not run, and the others run as one batch.
     """
     s_l = sampling.layout_guidance
     s_id = s_l if sampling.identity_guidance is None else sampling.identity_guidance
     full = {k: batch[k] for k in CONDITIONING}
-    if s_id == s_l:  # v₀ + s·(v − v₀)
-        branches, weights = [full, _without_instances(full)], [s_l, 1 - s_l]
-    else:
-        branches = [full, _without_references(full), _without_instances(full)]
-        weights = [s_id, s_l - s_id, 1 - s_l]
+    branches = [full, _without_references(full), _without_instances(full)]
+    weights = [s_id, s_l - s_id, 1 - s_l]
     keep = [i for i, w in enumerate(weights) if w != 0]
     branches, weights = [branches[i] for i in keep], [weights[i] for i in keep]
     cond = {k: torch.cat([c[k] for c in branches]) for k in CONDITIONING}

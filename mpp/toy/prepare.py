@@ -45,10 +45,8 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
     ratios = [float(a) for a in aspect_ratios or [1.0]]
     world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box, max_box=max_box)
     build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
-    if ratios != [1.0] or describe_prob != 1.0:
-        world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, describe_prob=describe_prob,
-                         min_box=min_box, max_box=max_box,
-                         frames=None if ratios == [1.0] else frames_for(image_size, ratios))
+    world = ToyWorld(**world.config, describe_prob=describe_prob,
+                     frames=None if ratios == [1.0] else frames_for(image_size, ratios))
     buckets = Buckets(aspect_ratios=ratios, portrait=False)
     source = os.path.join(output, "source")
     marker = os.path.join(source, "toy.json")

@@ -431,7 +431,7 @@ class ToyWorld:
                 ident = self.identities[ident_order[ni]]
                 ni += 1
                 paint_identity(image, box, ident)
-                described = self.describe_prob == 1.0 or bool(describe_rng.random() < self.describe_prob)
+                described = describe_rng.random() < self.describe_prob
                 inst = ToyInstance(box, ident.caption if described else ident.shape_caption, True, ident.name,
                                    ident.color)
             else:
