@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from dataclasses import replace
@@ -42,6 +43,7 @@ from mpp.toy.scenes import ToyWorld
 # the held-out widescreen frames: the toy resolution's 16:9 and 2.39:1 buckets (176×96, 192×80)
 WIDE_FRAMES = Buckets(aspect_ratios=[16 / 9, 2.39], portrait=False).resolve(128)
 
+log = logging.getLogger("bench.toy_quality")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [os.path.join(ROOT, "configs/stage1.yaml"), os.path.join(ROOT, "configs/toy.yaml")]
 # Both arms train at 10× stage 1's learning rate: the toy model moves too slowly at 1e-4 for a budget
@@ -87,6 +89,7 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
             models: str, wide_layouts_path: str | None = None) -> dict:
     workdir = os.path.join(root, name)
     os.makedirs(workdir, exist_ok=True)
+    log.info("%s: stage 1 for %s minutes", name, minutes)
     # absolute paths (each arm runs in its own folder), so the bench prepares its own copy of the data
     paths = [f"--data.root={os.path.join(root, 'data')}",
              f"--data.toy.models_dir={models}",
@@ -101,7 +104,7 @@ def run_arm(name: str, flags: list[str], *, minutes: float, layouts_path: str, s
         # the arm's flags and the user's overrides last, so that e.g. --trainer.max_steps reaches the run
         cli = fit(["fit", *[a for c in CONFIGS for a in ("--config", c)], *paths, "--trainer.max_steps=1000000",
                    f"--trainer.max_time=00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
-                   "--trainer.enable_progress_bar=false", *flags])
+                   *flags])
         train_seconds = time.perf_counter() - start
         ckpt = os.path.join(workdir, "runs/checkpoints/stage1/final.ckpt")
         cli.trainer.save_checkpoint(ckpt)
@@ -157,6 +160,7 @@ def main() -> None:
                    help="intra-op threads (on 2 cores: 170 training steps a minute with 2, 156 with 1)")
     p.add_argument("overrides", nargs="*", help="CLI overrides for every arm, after --")
     a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     root, models = os.path.abspath(a.workdir), os.path.abspath(a.models)
     layouts_path = os.path.join(root, "layouts.jsonl")

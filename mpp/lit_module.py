@@ -57,18 +57,18 @@ class Loss:
     dino_views: int = 1
     dino_target: str = "crop"
     dino_blur: float = 0.0
-
-    def __post_init__(self):
-        if self.dino_target not in ("reference", "crop"):
-            raise ValueError(f"model.loss.dino_target must be 'reference' or 'crop', got {self.dino_target!r}")
-        if self.dino_views < 1:
-            raise ValueError(f"model.loss.dino_views must be >= 1, got {self.dino_views}")
     alpha_bce_weight: float = 1.0
     timestep_sampler: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float | None = None
     resolution_shift: bool = False
+
+    def __post_init__(self):
+        if self.dino_target not in ("reference", "crop"):
+            raise ValueError(f"model.loss.dino_target must be 'reference' or 'crop', got {self.dino_target!r}")
+        if self.dino_views < 1:
+            raise ValueError(f"model.loss.dino_views must be >= 1, got {self.dino_views}")
 
 
 FSDP_WRAPPED = "_fsdp_wrapped_module."

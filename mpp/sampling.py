@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mpp.encoders import Encoders
 from mpp.flow import euler_sample, shift_for
@@ -118,12 +119,14 @@ def generate_one(model, encoders: Encoders, layout: Layout, *, sampling: Samplin
 
 
 def generate(model, encoders: Encoders, layouts: list[Layout], out_dir: str, *, sampling: SamplingConfig,
-             guidance: float = DEFAULT_GUIDANCE, records: list[dict] | None = None) -> list[dict]:
+             guidance: float = DEFAULT_GUIDANCE, records: list[dict] | None = None,
+             progress: bool = True) -> list[dict]:
     """Samples each layout with `model` (an `mpp.nn.MppFlux`, no Lightning needed) at its size, writes
     `<name>.png` and `<name>_boxes.png` (boxes coloured by the predicted α), returns one record each
-    (`mpp.layouts.write_report` writes them), appended to `records` as each image is written when given."""
+    (`mpp.layouts.write_report` writes them), appended to `records` as each image is written when given.
+    Shows a progress bar over the layouts unless `progress` is False."""
     records = [] if records is None else records
-    for i, layout in enumerate(layouts):
+    for i, layout in enumerate(tqdm(layouts, desc="generating", unit="image", disable=not progress, mininterval=1.0)):
         pixels, alpha, seed = generate_one(model, encoders, layout, sampling=sampling, index=i, guidance=guidance)
         records.append(save_generated(pixels, alpha, layout, seed, out_dir))
     return records

@@ -13,7 +13,7 @@ from mpp.viz import BACKGROUND, FOREGROUND
 from tests.helpers import fit_args
 
 
-def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_models, toy_prepared, toy_world):
+def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, capsys, toy_models, toy_prepared, toy_world):
     monkeypatch.chdir(tmp_path)
     args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1")
     cli_main(args)
@@ -42,6 +42,8 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
     out = tmp_path / "out"
     assert mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
                      "--layouts", "layouts.jsonl", "--out", str(out), "--steps", "2", *overrides]) == 1  # bad lines
+    progress = capsys.readouterr().err  # a bar over the good layouts
+    assert "generating: 100%" in progress and "3/3" in progress
     report = json.load(open(out / "generated.json"))
     assert [r["id"] for r in report["images"]] == ["shot1", "shot5", "wide"]
     assert [e.split(":")[1] for e in report["errors"]] == ["1", "3", "4", "5", "8"]
@@ -74,10 +76,10 @@ def test_generate_end_to_end_from_a_toy_checkpoint(tmp_path, monkeypatch, toy_mo
                               np.asarray(Image.open(tmp_path / "runs/generated/stage1" / name)))
     # a head setting other than the checkpoint's: refused, naming the setting it was trained with
     other = "--model.heads.modulation_grid=2"
-    with pytest.raises(ValueError, match=r"modulation_grid=4 \(this run: 2\)"):
+    with pytest.raises(ValueError, match=r"modulation_grid=8 \(this run: 2\)"):
         mpp_main(["generate", *[x for c in configs for x in ("--config", c)], "--ckpt_path", str(ckpt),
                   "--layouts", "layouts.jsonl", "--out", str(tmp_path / "other"), *overrides, other])
-    with pytest.raises(ValueError, match=r"modulation_grid=4 \(this run: 2\)"):
+    with pytest.raises(ValueError, match=r"modulation_grid=8 \(this run: 2\)"):
         cli_main([*predict, other])
     no_ckpt = [a for a in predict if not a.startswith("--ckpt_path")]
     with pytest.raises(ValueError, match="--ckpt_path"):

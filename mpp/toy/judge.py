@@ -66,6 +66,8 @@ def accuracy(judge: IdentityJudge, crops: Tensor, labels: Tensor) -> dict:
     pred = judge.predict(crops)
     out = {a: float((pred[:, j] == labels[:, j]).float().mean()) for j, a in enumerate(ATTRIBUTES)}
     out["identity"] = float((pred == labels).all(-1).float().mean())
+    looks = [ATTRIBUTES.index("color"), ATTRIBUTES.index("texture")]
+    out["looks"] = float((pred[:, looks] == labels[:, looks]).all(-1).float().mean())
     return out
 
 
@@ -122,8 +124,9 @@ def judge_instances(judge: IdentityJudge, images: dict[str, np.ndarray], layouts
 
     images: id → H×W×3 uint8; layouts: id → {"instances": [{"bbox" (normalized), "identity", …}]}.
     Each box is cropped with ``margin`` of its size on each side, as the judge was trained. Returns
-    the instance count, ``identity_accuracy`` (colour, shape and texture all right) and the
-    accuracy of each attribute.
+    the instance count, ``identity_accuracy`` (colour, shape and texture all right), the accuracy
+    of each attribute, and ``looks_accuracy`` (colour and texture both right: what a reference
+    carries where the caption names the shape).
     """
     crops, labels = [], []
     for sid, image in images.items():

@@ -60,5 +60,7 @@ def test_judge_scores_the_characters_of_toy_scenes(codec, tmp_path):
     scored = judge_instances(again, images, layouts)
     assert scored["judged"] == sum(x.foreground for s in scenes for x in s.instances) > 0
     assert scored["color_accuracy"] > 0.8, scored
+    assert scored["identity_accuracy"] <= scored["looks_accuracy"] <= min(scored["color_accuracy"],
+                                                                           scored["texture_accuracy"])
     # labels come from the layout's identity names
     assert identity_labels(identity_from_name("red_striped_square")) == (0, 0, 1)
