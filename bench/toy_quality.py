@@ -11,14 +11,14 @@ identity seed, 0): placement of the characters the model was trained on, as a us
 cast. `--identity_seed 1` asks for another world's characters instead: every one of them an unseen
 combination of colour, shape and texture, one colour ("orange") never named in training.
 
-Widescreen: the same model (trained on configs/toy.yaml's mix of square, 16:9 and 2.39:1 scenes) also
+Widescreen: the same model (trained on a mix of square, 16:9 and 2.39:1 scenes, `COMMON`) also
 generates `--wide_layouts` held-out layouts of the same seeds in 16:9 and 2.39:1 frames (176×96 and
 192×80, the toy's buckets; each line gives its "width" and "height"), scored the same way.
 
 Prints one JSON line: per arm the steps trained, the placement mIoU and success at IoU ≥ 0.5 of the
 square set, the same under "widescreen" (and per frame size), and `wide_minus_square_miou`; and the
 ratio of the two arms' square mIoUs. Each arm runs in <workdir>/<arm>, on a dataset prepared in <workdir>/data;
-the toy models are the shared ones of configs/toy.yaml unless --models names others.
+its toy models are built for its world (`COMMON`) in --models on the first run.
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ CONFIGS = [os.path.join(ROOT, "configs/stage1.yaml"), os.path.join(ROOT, "config
 # of minutes. The layout arm keeps stage 1's LoRA scope (the layout branch); the text-only arm needs
 # the LoRA on every block. With the 64-wide toy backbone, both arms with the LoRA on every block
 # measured 0.340 vs 0.125 (15 minutes each), against 0.364 vs 0.128 with these arms.
-COMMON = ["--model.lr=1e-3"]
+# (configs/toy.yaml's lr). The layout bench keeps its own world: configs/toy.yaml's before the stages bench's
+# world moved there (32 fully described characters, 28-72 px boxes) and its mix of square, 16:9 and 2.39:1
+# frames, so its figures stay comparable; it builds its own toy bundle for that world in --models.
+COMMON = ["--data.toy.num_identities=32", "--data.toy.describe_prob=1.0", "--data.toy.min_box=28",
+          "--data.toy.max_box=72", "--data.toy.aspect_ratios=[1.0, 1.7778, 2.39]"]
 ARMS = {"layout": [], "text_only": ["--model.heads.use_layout_head=false", "--model.heads.lora_scope=all"],
         # not run by default: the layout arm with the instance token at its box centre's RoPE position
         "layout_rope": ["--model.heads.instance_rope=true"]}
@@ -155,7 +159,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"which of {list(ARMS)} to run, comma-separated")
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_quality"))
-    p.add_argument("--models", default=os.path.join(ROOT, ".cache/toy/models"), help="toy model bundle")
+    p.add_argument("--models", default=os.path.join(ROOT, ".cache/bench/toy_quality_models"),
+                   help="toy model bundle for the bench's world (built there on the first run)")
     p.add_argument("--threads", type=int, default=2,
                    help="intra-op threads (on 2 cores: 170 training steps a minute with 2, 156 with 1)")
     p.add_argument("overrides", nargs="*", help="CLI overrides for every arm, after --")

@@ -3,15 +3,17 @@ against a control that continues stage 1 from the same checkpoint, each for a fi
 optimizer steps (so the figures do not depend on what else runs on the machine).
 
     python bench/toy_stages.py [--steps1 3600] [--steps2 1800] [--steps3 1000] [--control_steps 3600]
-                               [--layouts 256] [--eval_seed 1] [--unseen 8] [--identities 120]
-                               [--describe 0.5] [--eval_describe 0] [--boxes 48 96] [--steps 28]
+                               [--layouts 256] [--eval_seed 1] [--unseen 8] [--eval_describe 0] [--steps 28]
                                [--workdir .cache/bench/toy_stages] [--models .cache/bench/toy_stages_models]
                                [-- extra CLI overrides for every arm]
 
-The bench's world is configs/toy.yaml's with three changes (IDENTITIES, DESCRIBE, BOXES): 120
-characters, half of their training appearances captioned by shape alone ("a hexagon"), and boxes
-of 48-96 px. Its toy bundle is built for that world in `--models` on the first run (about 10
-minutes, in stage 1's time). Held-out layouts are scenes of layout seed `--eval_seed` whose
+The recipe is the stage configs with configs/toy.yaml (and its configs/toy/stage{N}.yaml), exactly what
+`./train.sh --config configs/toy.yaml` runs: the bench adds only step budgets, its folders and its
+held-out layouts (`arm_args`; tests/bench/test_toy_stages.py checks that nothing else differs). The
+toy overlay's world is the one where the reference carries the looks: 120 characters, half of their
+training appearances captioned by shape alone ("a hexagon"), boxes of 48-96 px. The bench's toy
+bundle is built for it in `--models` on the first run (about 10 minutes, in stage 1's time).
+Held-out layouts are scenes of layout seed `--eval_seed` whose
 characters are `--unseen` colour × shape × texture combinations that no training scene shows (each
 colour, shape and texture is seen in training, never in that combination), each given by its
 reference image and named by its shape alone (`--eval_describe 0`), so its looks come from the
@@ -27,10 +29,8 @@ reference; background elements have their caption only. Every arm generates them
 
 The control gets twice stage 2's steps by default: a stage-2 step costs about 1.7 stage-1 steps of
 CPU time (the identity term's own forward, decode and DINOv2), so the control has at least stage 2's
-compute. Stage 2 trains only its modulation head (`STAGE_FLAGS`). Learning rates are scaled for the
-toy's budget: every arm trains at 1e-3 (stage 1 ×10, stage 2 ×200, stage 3 ×100 their configs'
-rates); the control at stage 1's. Everything else is the
-stage configs with configs/toy.yaml. Prints one JSON line
+compute. Stage 2 trains only its modulation head and every arm trains at 1e-3, as configs/toy.yaml
+and configs/toy/stage2.yaml say. Prints one JSON line
 `{"arms": {"stage1": …, "stage1_control": …, "stage2": …, "stage3": …}, "training": …, …}` (training:
 each arm's steps, and the first and last fifth of its TensorBoard curves) and writes each arm's
 generated images (with box overlays) under <workdir>/<arm>/generated. An arm folder that already
@@ -69,23 +69,8 @@ from mpp.toy.scenes import ToyWorld, all_identities  # noqa: E402
 log = logging.getLogger("bench.toy_stages")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs/toy.yaml")
-LR = "1e-3"
-# Stage 2 on the toy: the modulation head (new, zero-initialised) at LR; what stage 1 trained stays
-# frozen. At ×200 the config's rate, the shared layout parts lost a third of stage 1's placement
-# (docs/decisions.md, "Stages on the toy world"); the real schedule moves them at 5e-6.
-# The identity term at the configs' weight 10 lets the toy's small DINOv2 be gamed (high-frequency
-# checks it scores close to the target and the judge does not): stages 2 and 3 weigh it 0.1 on the toy
-# (held-out identity, 254 referenced characters from one stage 1: 0.150 at 1, 0.366 at 0.1, 0.350 at
-# 0; docs/decisions.md, session 10).
-TOY_IDENTITY = "--model.loss.dino_identity_weight=0.1"
-STAGE_FLAGS = {2: ["--model.lr_scale={instance_encoder: 0, layout: 0, lora: 0}", TOY_IDENTITY], 3: [TOY_IDENTITY]}
 with open(TOY) as _f:
     TOY_WORLD = yaml.safe_load(_f)["data"]["toy"]
-# The bench's world (docs/decisions.md, "A world where the reference carries the looks"): 120 of the
-# 160 characters, so an unseen one shares each attribute with many seen ones; half of the training
-# captions name only a character's shape, as a real caption says "a man"; boxes of 3-6 tokens a
-# side, so a shape can be drawn at all.
-IDENTITIES, DESCRIBE, BOXES = 120, 0.5, [48, 96]
 CURVES = ("loss/flow_matching", "loss/dino_identity", "metrics/dino_similarity_mean", "metrics/alpha_mean",
           "metrics/alpha_fg_ratio", "metrics/alpha_auc", "loss/alpha_bce", "metrics/feedback_magnitude")
 
@@ -94,9 +79,16 @@ def configs(stage: int) -> list[str]:
     return [os.path.join(ROOT, f"configs/stage{stage}.yaml"), TOY]
 
 
-def unseen_cast(count: int, seed: int, identities: int) -> list[str]:
-    """`count` characters that the training world (of `identities` characters) never shows, drawn with `seed`."""
-    seen = {i.name for i in ToyWorld(seed=TOY_WORLD["seed"], num_identities=identities).identities}
+def training_world() -> ToyWorld:
+    """The world configs/toy.yaml trains on (its characters and boxes)."""
+    return ToyWorld(seed=TOY_WORLD["seed"], num_identities=TOY_WORLD["num_identities"],
+                    describe_prob=TOY_WORLD["describe_prob"], min_box=TOY_WORLD["min_box"],
+                    max_box=TOY_WORLD["max_box"])
+
+
+def unseen_cast(count: int, seed: int) -> list[str]:
+    """`count` characters that the training world never shows, drawn with `seed`."""
+    seen = {i.name for i in training_world().identities}
     rest = [i.name for i in all_identities() if i.name not in seen]
     rng = np.random.default_rng((seed, 0xCA57))
     return sorted(rest[i] for i in rng.choice(len(rest), size=count, replace=False))
@@ -118,6 +110,13 @@ def check_fresh_arm(workdir: str) -> None:
                          "give another --workdir (its prepared data and judge are rebuilt) or delete that folder")
 
 
+def arm_args(stage: int, max_steps: int, *, root: str, models: str, ckpt: str | None, extra: list[str]) -> list[str]:
+    """The `fit` arguments of an arm: the recipe (`configs(stage)`), the bench's folders, the step
+    budget, the checkpoint it starts from, and the `--` overrides given to the bench (none by default)."""
+    return ["fit", *[a for c in configs(stage) for a in ("--config", c)], *_paths(root, models),
+            f"--trainer.max_steps={max_steps}", *([f"--ckpt_path={ckpt}"] if ckpt else []), *extra]
+
+
 def train(name: str, stage: int, max_steps: int, *, root: str, models: str, ckpt: str | None,
           extra: list[str]) -> dict:
     """Fits `stage` in <root>/<name> up to optimizer step `max_steps` (a same-stage `ckpt` resumes at
@@ -130,10 +129,7 @@ def train(name: str, stage: int, max_steps: int, *, root: str, models: str, ckpt
     os.chdir(workdir)
     try:
         start = time.perf_counter()
-        cli = fit(["fit", *[a for c in configs(stage) for a in ("--config", c)], *_paths(root, models),
-                   f"--model.lr={LR}", f"--trainer.max_steps={max_steps}",
-                   *([f"--ckpt_path={ckpt}"] if ckpt else []),
-                   *STAGE_FLAGS.get(stage, []), *extra])
+        cli = fit(arm_args(stage, max_steps, root=root, models=models, ckpt=ckpt, extra=extra))
         seconds = time.perf_counter() - start
         final = os.path.join(workdir, "final.ckpt")
         cli.trainer.save_checkpoint(final)
@@ -213,16 +209,9 @@ def main() -> None:
     p.add_argument("--layouts", type=int, default=256, help="held-out layouts to generate")
     p.add_argument("--eval_seed", type=int, default=1, help="layout seed of the held-out scenes")
     p.add_argument("--unseen", type=int, default=8, help="unseen characters in the held-out scenes")
-    p.add_argument("--identities", type=int, default=IDENTITIES,
-                   help="characters in the training world (of 160 combinations)")
-    p.add_argument("--describe", type=float, default=DESCRIBE,
-                   help="share of training appearances whose caption names a character's colour and texture "
-                        "(the rest name only its shape)")
     p.add_argument("--eval_describe", type=float, default=0.0,
                    help="the same for the held-out layouts (0: each unseen character's looks come from its "
                         "reference only)")
-    p.add_argument("--boxes", type=int, nargs=2, default=BOXES, metavar=("MIN", "MAX"),
-                   help="sides of the training and held-out scenes' boxes, in pixels")
     p.add_argument("--steps", type=int, default=28, help="Euler steps per image")
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache/bench/toy_stages"))
     p.add_argument("--models", default=os.path.join(ROOT, ".cache/bench/toy_stages_models"),
@@ -233,16 +222,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     root, models = os.path.abspath(a.workdir), os.path.abspath(a.models)
-    # square frames only: the held-out scenes are square and the identity figures compare with runs 1-3
-    # (configs/toy.yaml mixes in 16:9 and 2.39:1 frames for bench/toy_quality.py's widescreen set)
-    a.overrides = [f"--data.toy.num_identities={a.identities}", f"--data.toy.describe_prob={a.describe}",
-                   f"--data.toy.min_box={a.boxes[0]}", f"--data.toy.max_box={a.boxes[1]}",
-                   "--data.toy.aspect_ratios=[1.0]", *a.overrides]
     os.makedirs(root, exist_ok=True)
     start = time.perf_counter()
-    cast = unseen_cast(a.unseen, a.eval_seed, a.identities)
-    world = ToyWorld(seed=a.eval_seed, cast=cast, describe_prob=a.eval_describe, min_box=a.boxes[0],
-                     max_box=a.boxes[1])
+    cast = unseen_cast(a.unseen, a.eval_seed)
+    world = ToyWorld(seed=a.eval_seed, cast=cast, describe_prob=a.eval_describe, min_box=TOY_WORLD["min_box"],
+                     max_box=TOY_WORLD["max_box"])
     layouts_path = os.path.join(root, "layouts.jsonl")
     write_layouts(layouts_path, seed=a.eval_seed, count=a.layouts, world=world)
 
@@ -274,9 +258,8 @@ def main() -> None:
                                    for name, r in runs.items()},
                       "judge": {"renders": judge_report,
                                 "heldout_scenes": judge_on_truth(judge, codec, world, a.layouts)},
-                      "unseen_cast": cast, "identities": a.identities, "describe": a.describe,
-                      "eval_describe": a.eval_describe, "boxes": a.boxes,
-                      "steps": [a.steps1, a.steps2, a.steps3, control], "lr": LR,
+                      "unseen_cast": cast, "world": TOY_WORLD, "eval_describe": a.eval_describe,
+                      "steps": [a.steps1, a.steps2, a.steps3, control],
                       "overrides": a.overrides, "total_seconds": round(time.perf_counter() - start, 1)}))
 
 

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 
@@ -36,6 +37,36 @@ CALLBACK_KEYS = {"checkpoint": ModelCheckpoint, "best_checkpoint": ModelCheckpoi
 # where a callback whose dirpath is unset writes: runs/<folder>/stage{N}
 RUN_FOLDERS = {ModelCheckpoint: "checkpoints", PreemptionCheckpoint: "checkpoints", ExportSafetensors: "export",
                LayoutWriter: "generated"}
+
+
+def _config_paths(args: list[str]) -> list[tuple[int, str]]:
+    """(index of the word that ends it, path) of each `--config PATH` or `--config=PATH` in `args`."""
+    found = []
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            found.append((i, a.split("=", 1)[1]))
+        elif a == "--config" and i + 1 < len(args):
+            found.append((i + 1, args[i + 1]))
+    return found
+
+
+def with_stage_overlays(args: list[str], stage: int) -> list[str]:
+    """`args` with each `--config X.yaml` followed by `X/stage{stage}.yaml` where that file exists. An
+    overlay keeps what it changes in one stage only beside itself (configs/toy/stage2.yaml), so
+    `--config configs/toy.yaml` means the same recipe under every stage config: in main.py, train.sh
+    and the benches. A companion the arguments already name is not added twice."""
+    configs = _config_paths(args)
+    named = {os.path.abspath(path) for _, path in configs}
+    after = {}
+    for end, path in configs:
+        companion = os.path.join(os.path.splitext(path)[0], f"stage{stage}.yaml")
+        if os.path.isfile(companion) and os.path.abspath(companion) not in named:
+            after[end] = companion
+            log.info("stage %d: --config %s adds its stage-%d part %s", stage, path, stage, companion)
+    out = []
+    for i, a in enumerate(args):
+        out += [a, "--config", after[i]] if i in after else [a]
+    return out
 
 
 def configure_logging() -> None:
@@ -89,8 +120,23 @@ class MppCLI(LightningCLI):
             parser.add_lightning_class_args(cls, key)
 
     def parse_arguments(self, parser, args) -> None:
+        """Parses `args` (sys.argv when None), then again with the stage parts of its overlays
+        (`with_stage_overlays`) where the stage it names has any."""
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+            return
         # Lightning warns when both `args` and sys.argv hold words; `mpp fit ...` passes the same words on
-        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        args = list(sys.argv[1:] if args is None else args)
+        # --print_config prints while parsing: the first pass, which only finds the stage, leaves it out
+        quiet = [a for a in args if not a.startswith("--print_config")]
+        self.config = parser.parse_args(quiet)
+        stage = self._config().model.stage
+        extended = with_stage_overlays(args, stage)
+        if extended != quiet:
+            self.config = parser.parse_args(extended)
+            if self._config().model.stage != stage:
+                raise ValueError(f"an overlay's stage-{stage} part sets model.stage={self._config().model.stage}: "
+                                 "configs/<overlay>/stage{N}.yaml may not change the stage")
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would re-apply a checkpoint's hyperparameters over the config; in mpp the

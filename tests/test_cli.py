@@ -50,8 +50,9 @@ def effective(cli: MppCLI) -> dict:
     them (a group left to its class's defaults is null in the config)."""
     model, data = cli.model, cli.datamodule
     values = {"seed_everything": cli.config.seed_everything}
-    values.update({f"model.{k}": model.hparams[k] for k in ("stage", "backbone", "backbone_subfolder", "backbone_dtype",
-                                                             "guidance", "lr", "weight_decay", "warmup_steps", "seed")})
+    hparams = ("stage", "backbone", "backbone_subfolder", "backbone_dtype", "guidance", "lr", "weight_decay",
+               "warmup_steps", "lr_scale", "seed")
+    values.update({f"model.{k}": model.hparams[k] for k in hparams})
     for key, obj in (("model.heads", model.heads), ("model.loss", model.loss_cfg), ("model.sampling", model.sampling),
                      ("data.encoders", data.encoders)):
         values.update(_flat(asdict(obj), key + "."))
@@ -85,7 +86,8 @@ def _same_callbacks(expected: list[dict], got: list[tuple[type, dict]]) -> None:
 def test_each_stage_resolves_to_its_values_from_when_each_config_restated_everything(stage, toy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # and from any working directory
     golden = json.load(open(os.path.join(ROOT, "tests/conf/stage_values.json")))
-    expected = {**golden["stage1"], **golden[f"stage{stage}"], **(golden["toy"] if toy else {})}
+    toy_parts = {**golden["toy"], **golden.get(f"toy_stage{stage}", {})} if toy else {}
+    expected = {**golden["stage1"], **golden[f"stage{stage}"], **toy_parts}
     got = effective(cli_for(STAGES[stage - 1], *([TOY] if toy else [])))
     _same_callbacks(expected.pop("trainer.callbacks"), got.pop("trainer.callbacks"))
     assert {k: got.get(k, "<missing>") for k in expected} == expected
@@ -206,3 +208,38 @@ def test_validate_logs_to_a_folder_named_by_its_stage(tmp_path, monkeypatch, toy
     main(["validate", *args[1:], "--ckpt_path=runs/checkpoints/stage2/step=0000001.ckpt"])
     assert sorted(re.sub(r"\d{8}-\d{6}", "T", os.path.basename(p)) for p in glob.glob("runs/logs/*")) == [
         "stage2_T", "stage2_validate_T"]
+
+
+def test_an_overlay_adds_its_stage_part_after_itself(tmp_path):
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra.yaml").write_text("model: {lr: 0.5}\n")
+    (tmp_path / "extra/stage2.yaml").write_text("model: {warmup_steps: 3}\n")
+    overlay, part = str(tmp_path / "extra.yaml"), str(tmp_path / "extra/stage2.yaml")
+    args = ["fit", "--config", "a.yaml", "--config", overlay, "--model.lr=1"]
+    assert mpp.cli.with_stage_overlays(args, 2) == ["fit", "--config", "a.yaml", "--config", overlay,
+                                                    "--config", part, "--model.lr=1"]
+    assert mpp.cli.with_stage_overlays([f"--config={overlay}"], 2) == [f"--config={overlay}", "--config", part]
+    assert mpp.cli.with_stage_overlays(args, 1) == args  # no extra/stage1.yaml
+    named = ["--config", overlay, "--config", part]
+    assert mpp.cli.with_stage_overlays(named, 2) == named
+    # resolved: the stage part under its stage only, and a later flag still wins over it
+    assert cli_for(STAGES[1], overlay, args=["--model.warmup_steps=9"]).model.hparams.warmup_steps == 9
+    assert cli_for(STAGES[1], overlay).model.hparams.warmup_steps == 3
+    assert cli_for(STAGES[0], overlay).model.hparams.warmup_steps == 100
+    assert cli_for(STAGES[0], overlay).model.hparams.lr == 0.5
+
+
+def test_an_overlay_stage_part_may_not_change_the_stage(tmp_path):
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra.yaml").write_text("model: {lr: 0.5}\n")
+    (tmp_path / "extra/stage2.yaml").write_text("model: {stage: 3}\n")
+    with pytest.raises(ValueError, match=r"stage-2 part sets model.stage=3"):
+        cli_for(STAGES[1], str(tmp_path / "extra.yaml"))
+
+
+def test_print_config_shows_the_stage_part_of_the_toy_overlay(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", STAGES[1], "--config", TOY, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["lr_scale"] == {"instance_encoder": 0, "layout": 0, "lora": 0}
+    assert printed["model"]["lr"] == 1e-3

@@ -45,8 +45,16 @@ def test_every_config_parses_and_instantiates(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     shipped = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-    assert len(shipped) == 6 and BASE_CONFIG in shipped
+    assert len(shipped) == 7 and BASE_CONFIG in shipped
     for path in shipped:
+        part = re.fullmatch(r"(.*)/(stage\d)\.yaml", os.path.relpath(path, os.path.join(ROOT, "configs")))
+        if part:  # an overlay's stage part (configs/toy/stage2.yaml): read after its overlay under that stage
+            overlay = os.path.join(ROOT, "configs", f"{part.group(1)}.yaml")
+            cli = MppCLI(MppModule, MppDataModule, run=False,
+                         args=["--config", os.path.join(ROOT, f"configs/{part.group(2)}.yaml"), "--config", overlay])
+            assert cli.model.stage == int(part.group(2)[-1])
+            assert cli.model.lr_scale == {"instance_encoder": 0, "layout": 0, "lora": 0}
+            continue
         if path.endswith("fsdp.yaml"):  # Lightning's Trainer refuses FSDP without a GPU: build the strategy alone
             strategy = _strategy_from(path)
             assert isinstance(strategy, FSDPStrategy)
@@ -73,7 +81,7 @@ def test_every_config_parses_and_instantiates(tmp_path, monkeypatch):
             assert cli.model.stage == stage
             assert cli.trainer.max_steps == {1: 70_000, 2: 150_000, 3: 10_000}[stage]
             assert cli.model.hparams.lr == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
-            assert cli.model.loss_cfg.dino_identity_weight == {1: 0, 2: 10, 3: 10}[stage]
+            assert cli.model.loss_cfg.dino_identity_weight == {1: 0, 2: 0.1, 3: 0.1}[stage]
 
 
 def test_fit_logs_scalars_and_images_and_checkpoints_only_mpp_weights(in_tmp, toy_models, toy_prepared):
@@ -155,17 +163,21 @@ def test_stages_chain_with_their_own_modules_lr_and_step_count(tmp_path, monkeyp
         monkeypatch.chdir(tmp_path / f"s{stage}")
         extra = [f"--ckpt_path={prev_ckpt}"] if prev_ckpt else []
         caplog.clear()
-        # the identity term draws its own low t: stages 2-3 compute it at every step
-        cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2", *extra))
+        # the identity term draws its own low t: stages 2-3 compute it at every step. Each stage's own lr
+        # (the toy overlay's 1e-3 replaced here), never the previous checkpoint's
+        lr = {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
+        cli = main(fit_args(stage, toy_models, toy_prepared, "--trainer.max_steps=2", f"--model.lr={lr}", *extra))
         carried = [r.getMessage() for r in caplog.records if r.name.startswith("mpp.") and r.levelno == logging.INFO]
         assert any(f"stage {stage} starts from the weights of stage-{stage - 1}" in m for m in carried) == (stage > 1)
         model = cli.model
         groups = model.model.parameter_groups()
-        expected = {id(p) for g in STAGE_GROUPS[stage] for p in groups[g]}
-        assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+        # the stage's groups, less those the toy recipe freezes (configs/toy/stage2.yaml: the head alone)
+        trains = [g for g in STAGE_GROUPS[stage] if model.lr_scale.get(g, 1.0) > 0]
+        assert trains == {1: ["alpha", "instance_encoder", "layout", "lora"], 2: ["modulation"], 3: ["feedback"]}[stage]
+        assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for g in trains for p in groups[g]}
         assert cli.trainer.global_step == 2  # started at step 0
-        assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
-        assert model.hparams.lr == {1: 1e-4, 2: 5e-6, 3: 1e-5}[stage]
+        assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == lr
+        assert model.hparams.lr == lr
         state = {k: v.clone() for k, v in model.state_dict().items()}
         if prev_state is not None:
             # weights the previous stage trained and this one freezes were carried over unchanged
