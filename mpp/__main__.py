@@ -3,7 +3,10 @@
     mpp fit --config configs/stage1.yaml [--config configs/toy.yaml]   # = python main.py fit ...
     mpp prepare run SOURCE OUTPUT ...                                   # = python -m mpp.prepare
     mpp generate --config ... --ckpt_path ... --layouts layouts.jsonl --out generated/
-    mpp evaluate --generated generated/ --layouts layouts.jsonl
+    mpp evaluate --generated generated/ --layouts layouts.jsonl [--detector toy|grounding-dino|owlv2]
+    mpp annotate FRAMES_OR_VIDEOS RAW --cast CAST_DIR                   # footage + cast → raw layout
+    mpp synth PROMPTS RAW                                               # FLUX renders, labelled as annotate does
+    mpp import coco|layoutsam|yolo SRC RAW                              # the field's formats → raw layout
     mpp toy models .cache/toy/models
     mpp toy prepare .cache/toy/data --models_dir .cache/toy/models             # the toy dataset
     mpp checkpoints latest runs/checkpoints/stage1                      # the newest loadable checkpoint
@@ -16,7 +19,8 @@ import importlib
 import sys
 
 TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__",
-         "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params"}
+         "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params", "annotate": "mpp.annotate.__main__",
+         "synth": "mpp.synth", "import": "mpp.importers"}
 TRAINING = ("fit", "validate", "test", "predict")
 
 

@@ -1,30 +1,40 @@
 """Evaluation of generated images: placement (mIoU, success at IoU ≥ 0.5) and identity.
 
-    python -m mpp.evaluate --generated generated/ --layouts layouts.jsonl
+    mpp evaluate --generated generated/ --layouts layouts.jsonl [--detector toy|grounding-dino|owlv2]
 
-Placement: a `Detector` finds each instance in the generated image; its box is compared with the
-requested one. In the toy world each instance's colour is known (`"color"` in the layout), so
-`ToyColorDetector` segments it by colour. For real footage plug in an open-vocabulary detector
-queried with the instance caption — e.g. Grounding DINO through transformers'
-`AutoModelForZeroShotObjectDetection` — by implementing `Detector.detect`.
+Placement, as InstanceAssemble and LayoutSAM-Eval measure it: a `Detector` finds each instance in
+the generated image; its box is compared with the requested one (success at IoU ≥ 0.5; a missed
+instance counts IoU 0 in the mIoU). In the toy world each instance's colour is known (`"color"` in
+the layout), so `ToyColorDetector` (`--detector toy`, the default) segments it by colour. On real
+images an open-vocabulary detector (`mpp.detect`: Grounding DINO or OWLv2 through transformers,
+`--detector.model` a hub id or folder) is queried with the instance's caption and its best box is
+taken.
 
 Identity: the DINOv2 cosine similarity of the generated crop to its reference (`--dino`, a hub id
-or folder) and a colour-histogram similarity that needs no model.
+or folder), a colour-histogram similarity that needs no model, and the CLIP score of the crop
+against the instance's caption (`--clip_model`, a `CLIPModel` hub id or folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from mpp.data.raw import to_tensor
-from mpp.encoders import EncoderSettings, Encoders
+from mpp.detect import DEFAULT_MODELS, FLAG, DetectSettings, load_detector
+from mpp.encoders import EncoderSettings, Encoders, parse_dtype
 from mpp.layouts import load_generated
+from mpp.nn.backbone import explain_missing
+
+TOY = "toy"
+DETECTOR_KINDS = (TOY, *DEFAULT_MODELS)
 
 
 def box_iou(a, b) -> float:
@@ -101,25 +111,63 @@ def dino_similarity(encoders, a: np.ndarray, b: np.ndarray) -> float:
     return float(torch.nn.functional.cosine_similarity(emb[0], emb[1]).item())
 
 
+class ClipTextScorer:
+    """CLIP text–crop score: the cosine of the CLIP image features of a crop and the CLIP text
+    features of a caption (`CLIPModel.get_image_features` / `get_text_features`)."""
+
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "float32",
+                 flag: str = "clip_model"):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = parse_dtype(dtype)
+        with explain_missing(flag, path, "the CLIP model's processor", also=(ValueError,)):
+            self.processor = AutoProcessor.from_pretrained(path)
+        with explain_missing(flag, path, "the CLIP model (CLIPModel)", also=(ValueError,)):
+            self.model = CLIPModel.from_pretrained(path).to(self.device, self.dtype).eval()
+
+    @torch.no_grad()
+    def score(self, crop: np.ndarray, caption: str) -> float:
+        pixels = self.processor(images=[Image.fromarray(crop[..., :3])], return_tensors="pt")["pixel_values"]
+        text = self.processor(text=[caption], return_tensors="pt", padding=True, truncation=True,
+                              max_length=int(self.model.config.text_config.max_position_embeddings))
+        image_features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+        text_features = _features(self.model.get_text_features(
+            input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)))
+        return float(torch.nn.functional.cosine_similarity(image_features.float(), text_features.float()).item())
+
+
+def _features(output) -> torch.Tensor:
+    """The projected features, from a tensor (transformers 4) or an output's pooler_output (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: Detector, *,
-             references: dict[str, np.ndarray] | None = None, encoders=None, iou_threshold: float = 0.5) -> dict:
+             references: dict[str, np.ndarray] | None = None, encoders=None, iou_threshold: float = 0.5,
+             clip: ClipTextScorer | None = None, progress: bool = True) -> dict:
     """Scores every instance of every generated image.
 
     images: id → H×W×3 uint8; layouts: id → layout ({"instances": [{"bbox" (normalized), …}]});
     references: instance reference path → image, for the identity scores; encoders: an
-    `mpp.encoders.Encoders` whose DINOv2 gives the identity similarity (None: skipped).
+    `mpp.encoders.Encoders` whose DINOv2 gives the identity similarity (None: skipped); clip: a
+    `ClipTextScorer` for the crop–caption score of every captioned instance (None: skipped);
+    progress: a progress bar over the images.
     """
-    ious, hist_sims, dino_sims = [], [], []
-    for sid, image in images.items():
+    ious, hist_sims, dino_sims, clip_sims = [], [], [], []
+    bar = tqdm(images.items(), total=len(images), desc="evaluate", unit="image",
+               disable=not progress or len(images) < 2)
+    for sid, image in bar:
         h, w = image.shape[:2]
         for inst in layouts[sid]["instances"]:
             x0, y0, x1, y1 = inst["bbox"]
             target = (x0 * w, y0 * h, x1 * w, y1 * h)
             found = detector.detect(image, inst)
             ious.append(0.0 if found is None else box_iou(found, target))
+            crop = _crop(image, target)
+            if clip is not None and inst.get("caption"):
+                clip_sims.append(clip.score(crop, inst["caption"]))
             ref = (references or {}).get(inst.get("reference"))
             if ref is not None:
-                crop = _crop(image, target)
                 hist_sims.append(color_histogram_similarity(crop, ref))
                 if encoders is not None:
                     dino_sims.append(dino_similarity(encoders, crop, ref))
@@ -132,21 +180,72 @@ def evaluate(images: dict[str, np.ndarray], layouts: dict[str, dict], detector: 
         result["color_histogram_similarity"] = float(np.mean(hist_sims))
     if dino_sims:
         result["dino_similarity"] = float(np.mean(dino_sims))
+    if clip_sims:
+        result["clip_text_similarity"] = float(np.mean(clip_sims))
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mpp evaluate", description=__doc__.split("\n")[0])
+SETTING_FLAGS = {  # DetectSettings' fields but the model, as --detector.<name>: type and help
+    "score_threshold": (float, "boxes scoring at most this are dropped"),
+    "text_threshold": (float, "Grounding DINO: one of a phrase's tokens must score above this"),
+    "nms_iou": (float, "class-agnostic NMS: boxes overlapping a better one by more IoU are dropped"),
+    "min_box": (float, "boxes with a shorter side (pixels) are dropped"),
+    "device": (str, "torch device of the detector and of CLIP"),
+    "dtype": (str, "float32, float16 or bfloat16, of the detector and of CLIP"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpp evaluate", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--generated", required=True, help="output folder of mpp generate")
-    p.add_argument("--layouts", required=True, help="the layouts JSONL it generated from (with instance colours)")
+    p.add_argument("--layouts", required=True, help="the layouts JSONL it generated from")
+    p.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    p.add_argument(f"--{FLAG}", dest="detector", choices=DETECTOR_KINDS, default=TOY,
+                   help="toy: by the instances' colours; grounding-dino, owlv2: queried with each instance's caption")
+    p.add_argument(f"--{FLAG}.model", "--detector_model", dest="detector_model", default=None,
+                   metavar="MODEL", help="detector hub id or folder (defaults: "
+                   + ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items()) + ")")
+    for name, (kind, what) in SETTING_FLAGS.items():
+        p.add_argument(f"--{FLAG}.{name}", dest=f"detector_{name}", type=kind, default=None, metavar=name.upper(),
+                       help=f"{what} (default: {getattr(DetectSettings, name)})")
     p.add_argument("--tol", type=float, default=40.0, help="colour tolerance of the toy detector")
     p.add_argument("--dino", default=None, help="DINOv2 hub id or folder for the identity similarity")
-    a = p.parse_args(argv)
+    p.add_argument("--clip_model", default=None, help="CLIPModel hub id or folder for the crop–caption score")
+    return p
+
+
+def build_detector(a: argparse.Namespace):
+    """The `Detector` the command line asks for."""
+    given = {name: getattr(a, f"detector_{name}") for name in ("model", *SETTING_FLAGS)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if a.detector == TOY:
+        detector_only = [k for k in given if k not in ("device", "dtype")]  # those two also place CLIP
+        if detector_only:
+            flags = ", ".join(f"--{FLAG}.{k}" for k in detector_only)
+            raise ValueError(f"{flags}: for --{FLAG} grounding-dino or owlv2; --{FLAG} toy finds instances by colour")
+        DetectSettings(**given)  # validates --detector.device and --detector.dtype, which CLIP uses
+        return ToyColorDetector(tol=a.tol)
+    return load_detector(a.detector, DetectSettings(**given))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    detector = build_detector(a)
     images, layouts, references = load_generated(a.generated, a.layouts)
-    encoders = None
-    if a.dino:
-        encoders = Encoders(EncoderSettings(dino=a.dino))
-    print(json.dumps(evaluate(images, layouts, ToyColorDetector(tol=a.tol), references=references, encoders=encoders)))
+    encoders = Encoders(EncoderSettings(dino=a.dino)) if a.dino else None
+    clip = None
+    if a.clip_model:
+        clip = ClipTextScorer(a.clip_model, device=a.detector_device, dtype=a.detector_dtype or "float32")
+    else:
+        print("note: no --clip_model, so the CLIP crop–caption score (clip_text_similarity) is skipped",
+              file=sys.stderr)
+    result = evaluate(images, layouts, detector, references=references, encoders=encoders, clip=clip)
+    result["detector"] = a.detector if a.detector == TOY else f"{a.detector}:{detector.path}"
+    text = json.dumps(result)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
     return 0
 
 

@@ -196,3 +196,196 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- tiny random open-vocabulary detectors and CLIP, with tokenizers built offline
+
+def tiny_bert_tokenizer():
+    """A BERT WordPiece tokenizer over single characters (lower-case letters, digits, punctuation), so
+    any English phrase tokenizes without [UNK]."""
+    import string
+
+    from transformers import BertTokenizer
+
+    chars = string.ascii_lowercase + string.digits
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars, *(f"##{c}" for c in chars)]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A CLIP byte-level BPE tokenizer without merges (one token a character; specials last, so that
+    OWLv2's "first token > 0" query mask holds)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words = [*alphabet, *(f"{c}</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=max_length)
+
+
+def _tiny_clip_text_config(tokenizer, max_length: int) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def save_tiny_grounding_dino(folder, seed: int = 0) -> str:
+    """A random tiny GroundingDinoForObjectDetection (about 160k parameters) and its processor, saved to `folder`."""
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_bert_tokenizer()
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                                   image_size=64, out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=128),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=30, max_text_len=64,
+        encoder_n_points=2, decoder_n_points=2)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 96, "longest_edge": 144})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_owlv2(folder, seed: int = 0) -> str:
+    """A random tiny Owlv2ForObjectDetection (64×64 input, 16 boxes) and its processor, saved to `folder`."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(16)
+    config = Owlv2Config(text_config=_tiny_clip_text_config(tokenizer, 16), projection_dim=16,
+                         vision_config=dict(hidden_size=16, image_size=64, patch_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32))
+    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    image_processor = Owlv2ImageProcessorPil(size={"height": 64, "width": 64})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_clip(folder, seed: int = 0) -> str:
+    """A random tiny CLIPModel (32×32 images) and its processor, saved to `folder`."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(77)
+    config = CLIPConfig(text_config=_tiny_clip_text_config(tokenizer, 77), projection_dim=16,
+                        vision_config=dict(hidden_size=16, image_size=32, patch_size=8, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=32))
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+# ---- tiny random captioners and a tiny FLUX pipeline (tests/test_caption.py, tests/test_synth.py)
+
+def tiny_word_tokenizer(words, specials, *, max_length: int = 32, template: str | None = None, **special_tokens):
+    """A word-level `PreTrainedTokenizerFast` over `specials` + `words` (in that order, so specials
+    have the first ids), lower-cased and split at spaces and punctuation; `template` (e.g.
+    "[CLS] $A [SEP]") adds special tokens around each text."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words]))}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=special_tokens.get("unk_token", specials[0])))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if template:
+        used = [t for t in template.split() if t in vocab]
+        specials_used = [(t, vocab[t]) for t in used]
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials_used)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **special_tokens)
+
+
+CAPTION_WORDS = "a an the red blue green square circle man woman car street field on in of left right".split()
+
+
+def save_tiny_blip(folder, seed: int = 0) -> str:
+    """A random tiny BlipForConditionalGeneration (32×32 input) and its processor, saved to `folder`."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    tokenizer = tiny_word_tokenizer(CAPTION_WORDS, ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[DEC]"],
+                                    template="[CLS] $A [SEP]", unk_token="[UNK]", pad_token="[PAD]",
+                                    cls_token="[CLS]", sep_token="[SEP]", bos_token="[DEC]")
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in (("pad", "[PAD]"), ("sep", "[SEP]"), ("bos", "[DEC]"))}
+    config = BlipConfig(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=16,
+                         bos_token_id=ids["bos"], pad_token_id=ids["pad"], sep_token_id=ids["sep"],
+                         eos_token_id=ids["sep"]),
+        projection_dim=16)
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_florence2(folder, seed: int = 0) -> str:
+    """A random tiny Florence2ForConditionalGeneration (32×32 input: 4×4 + 1 image tokens, Florence's
+    1000 location tokens) and its processor, saved to `folder`."""
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+
+    task_words = "what does the image describe region ? .".split()
+    tokenizer = tiny_word_tokenizer(task_words + CAPTION_WORDS, ["<s>", "<pad>", "</s>", "<unk>"], max_length=64,
+                                    bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                    extra_special_tokens={"image_token": "<image>"})
+    tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)])
+    text = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                      max_position_embeddings=64, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                      decoder_start_token_id=2, forced_eos_token_id=2)
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                  patch_prenorm=[False, True], embed_dim=[16, 16], num_heads=[1, 2], num_groups=[1, 2], window_size=2,
+                  projection_dim=16, drop_path_rate=0.0)
+    config = Florence2Config(vision_config=vision, text_config=text.to_dict(), image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    Florence2ForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False, image_seq_length=17)
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def save_tiny_flux_pipeline(folder, seed: int = 0) -> str:
+    """A random tiny `FluxPipeline` (transformer, 16-channel AutoencoderKL with factor 8, CLIP text +
+    CLIPTokenizer, T5 + a WordPiece tokenizer, FLUX-dev's scheduler), saved to `folder`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(77), tiny_bert_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_text_config(clip_tokenizer, 77)))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2, relative_attention_num_buckets=8,
+                                             pad_token_id=t5_tokenizer.pad_token_id, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                         guidance_embeds=True, axes_dims_rope=[2, 2, 4])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return str(folder)

@@ -91,3 +91,126 @@ def test_mask_box():
     m[0, 0] = True  # one stray pixel
     assert mask_box(m) == (0, 0, 20, 15)
     assert mask_box(m, trim=0.02) == (10, 5, 20, 15)
+
+
+# ---- open-vocabulary detectors and the CLIP crop–caption score, with tiny random models
+
+
+@pytest.fixture(scope="module")
+def tiny_open_models(tmp_path_factory) -> dict[str, str]:
+    from tests.helpers import save_tiny_clip, save_tiny_grounding_dino, save_tiny_owlv2
+
+    root = tmp_path_factory.mktemp("tiny_open_models")
+    return {"grounding-dino": save_tiny_grounding_dino(root / "gdino"), "owlv2": save_tiny_owlv2(root / "owlv2"),
+            "clip": save_tiny_clip(root / "clip")}
+
+
+def _generated_folder(root, world, indices) -> tuple[str, str]:
+    """A folder as mpp generate writes it (images and generated.json) for toy scenes `indices`, and
+    the layouts JSONL they came from, with captions, colours and references."""
+    import json
+
+    from PIL import Image
+
+    from mpp.layouts import REPORT_NAME
+
+    records, lines = [], []
+    for i in indices:
+        scene = world.scene(i)
+        h, w = scene.image.shape[:2]
+        Image.fromarray(scene.image).save(root / f"s{i}.png")
+        Image.fromarray(scene.image[: h // 2, : w // 2]).save(root / f"ref{i}.png")
+        records.append({"id": f"s{i}", "image": f"s{i}.png", "boxes": [
+            [b.bbox[0] / w, b.bbox[1] / h, b.bbox[2] / w, b.bbox[3] / h] for b in scene.instances]})
+        lines.append(json.dumps({"id": f"s{i}", "prompt": scene.caption, "instances": [
+            {"bbox": list(b.bbox), "caption": b.caption, "color": list(b.color), "reference": f"ref{i}.png"}
+            for b in scene.instances]}))
+    (root / REPORT_NAME).write_text(json.dumps({"images": records}))
+    (root / "layouts.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root), str(root / "layouts.jsonl")
+
+
+@pytest.mark.parametrize("kind", ["grounding-dino", "owlv2"])
+def test_cli_with_an_open_vocabulary_detector_writes_its_json(kind, tiny_open_models, toy_world, tmp_path, capsys):
+    import json
+
+    from mpp.evaluate import main
+
+    generated, layouts = _generated_folder(tmp_path, toy_world, range(3))
+    out = tmp_path / "scores.json"
+    assert main(["--generated", generated, "--layouts", layouts, "--detector", kind,
+                 "--detector_model", tiny_open_models[kind], "--detector.score_threshold", "0.0",
+                 "--detector.text_threshold", "0.0", "--detector.min_box", "0", "--detector.device", "cpu",
+                 "--clip_model", tiny_open_models["clip"], "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads(out.read_text())
+    assert result == printed
+    assert result["images"] == 3 and result["instances"] == sum(len(toy_world.scene(i).instances) for i in range(3))
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["success_at_0.5"] <= 1.0
+    assert -1.0 <= result["clip_text_similarity"] <= 1.0 and 0 < result["color_histogram_similarity"] <= 1
+    assert result["detector"] == f"{kind}:{tiny_open_models[kind]}"
+
+
+def test_cli_without_clip_model_notes_the_skipped_score(toy_world, tmp_path, capsys):
+    import json
+
+    from mpp.evaluate import main
+
+    generated, layouts = _generated_folder(tmp_path, toy_world, [5])
+    assert main(["--generated", generated, "--layouts", layouts]) == 0  # --detector toy, the default
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "clip_text_similarity" not in result and result["miou"] > 0.8 and result["detector"] == "toy"
+    assert "no --clip_model" in captured.err
+
+
+def test_an_open_vocabulary_detector_that_finds_nothing_scores_zero(tiny_open_models, toy_world):
+    from mpp.detect import DetectSettings, load_detector
+
+    images, layouts = _layouts(toy_world, range(2))
+    blind = load_detector("owlv2", DetectSettings(model=tiny_open_models["owlv2"], min_box=1000, device="cpu"))
+    result = evaluate(images, layouts, blind)
+    assert result["miou"] == 0.0 and result["success_at_0.5"] == 0.0
+    assert result["instances"] == sum(len(x["instances"]) for x in layouts.values())
+
+
+def test_clip_text_scorer(tiny_open_models, toy_world):
+    from mpp.evaluate import ClipTextScorer
+
+    clip = ClipTextScorer(tiny_open_models["clip"], device="cpu")
+    crop = toy_world.scene(0).image[10:60, 20:90]
+    a = clip.score(crop, "a teal dotted cross")
+    assert -1.0 <= a <= 1.0 and clip.score(crop, "a teal dotted cross") == a
+    assert clip.score(crop, "a red striped circle") != a
+    images, layouts = _layouts(toy_world, range(2))
+    scored = evaluate(images, layouts, ToyColorDetector(), clip=clip, progress=False)
+    assert -1.0 <= scored["clip_text_similarity"] <= 1.0
+
+
+@pytest.mark.parametrize("flag, what", [("--clip_model", "clip_model: cannot load the CLIP model"),
+                                        ("--detector_model", "detector.model: cannot load the grounding-dino")])
+def test_a_missing_model_folder_is_a_three_line_error_naming_the_flag(flag, what, toy_world, tmp_path):
+    from mpp.evaluate import main
+
+    generated, layouts = _generated_folder(tmp_path, toy_world, [0])
+    detector = ["--detector", "grounding-dino"] if flag == "--detector_model" else []
+    with pytest.raises(ValueError) as e:
+        main(["--generated", generated, "--layouts", layouts, *detector, flag, str(tmp_path / "missing")])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and lines[0].startswith(what)
+    assert f"--{what.split(':')[0]}=/path/to/folder" in lines[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--detector", "owlv2", "--detector.score_threshold", "1.5"], r"--detector\.score_threshold must be in \[0, 1\)"),
+    (["--detector", "grounding-dino", "--detector.nms_iou", "0"], r"--detector\.nms_iou must be in \(0, 1\]"),
+    (["--detector", "owlv2", "--detector.min_box", "-2"], r"--detector\.min_box must be ≥ 0"),
+    (["--detector.model", "x"], r"--detector\.model: for --detector grounding-dino or owlv2; --detector toy"),
+    (["--detector.dtype", "float8"], r"--detector\.dtype must be one of"),
+])
+def test_bad_detector_flags_are_refused_naming_the_flag(args, message, toy_world, tmp_path):
+    from mpp.evaluate import main
+
+    generated, layouts = _generated_folder(tmp_path, toy_world, [0])
+    with pytest.raises(ValueError, match=message):
+        main(["--generated", generated, "--layouts", layouts, *args])

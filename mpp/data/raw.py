@@ -1,4 +1,6 @@
-"""Reading and validating a raw sample: `<root>/images/<id>.<ext>` + `<root>/captions/<id>.json`."""
+"""The raw layout (DESIGN.md section 2), written and read here: `<root>/images/<id>.<ext>` +
+`<root>/captions/<id>.json`, references relative to `<root>`. `write_raw_sample` is what every way in
+(`mpp annotate`, `mpp synth`, `mpp import`, the toy world) writes; `load_raw_sample` reads and validates."""
 
 from __future__ import annotations
 
@@ -60,6 +62,43 @@ def list_sample_ids(root: str) -> list[tuple[str, str]]:
             raise ValueError(f"sample id {stem!r} has two images: {found[stem]} and {os.path.join(folder, name)}")
         found[stem] = os.path.join(folder, name)
     return sorted(found.items())
+
+
+def write_raw_sample(root: str, sample_id: str, image: Image.Image | np.ndarray, caption: str,
+                     instances: list[dict], *, ext: str = ".png", extra: dict | None = None) -> str:
+    """Writes one sample of the raw layout; returns its caption file's path. `instances`: dicts with
+    `bbox` (xyxy pixels of `image`), `caption`, and optionally `foreground` and `reference` (a path
+    relative to `root`) and any extra keys (kept in the JSON). The image is written first and the
+    caption file last, each through a temporary file and a rename, so a sample whose caption file
+    exists is complete (`raw_sample_done`) and a killed writer leaves no half sample behind.
+
+    Raises SampleError (naming the sample) for a box outside the image or of zero area, and ValueError
+    for an id that is not a plain file name."""
+    if not sample_id or os.path.basename(sample_id) != sample_id or sample_id.startswith("."):
+        raise ValueError(f"sample id {sample_id!r} must be a plain file name")
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    width, height = image.size
+    where = f"sample {sample_id!r}"
+    for k, inst in enumerate(instances):
+        _check_box(inst.get("bbox"), k, width, height, where, sample_id)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "captions"), exist_ok=True)
+    image_path = os.path.join(root, "images", f"{sample_id}{ext}")
+    tmp = f"{image_path}.part"  # not an image extension: list_sample_ids never lists it
+    image.convert("RGB").save(tmp, format=Image.registered_extensions()[ext.lower()])
+    os.replace(tmp, image_path)
+    record = {"caption": caption, "instances": instances, **(extra or {})}
+    caption_path = os.path.join(root, "captions", f"{sample_id}.json")
+    with open(f"{caption_path}.tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f)
+        f.write("\n")
+    os.replace(f"{caption_path}.tmp", caption_path)
+    return caption_path
+
+
+def raw_sample_done(root: str, sample_id: str) -> bool:
+    """True when `write_raw_sample` finished `sample_id` in `root` (its caption file exists)."""
+    return os.path.isfile(os.path.join(root, "captions", f"{sample_id}.json"))
 
 
 def read_image(path: str, sample_id: str) -> Image.Image:
