@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mpp.caption import crop_with_margin
 from mpp.data.raw import IMAGE_EXTS
 from mpp.detect import InstanceDetector
 
@@ -55,16 +56,6 @@ def best_box(detections) -> tuple[float, float, float, float] | None:
     return top.box
 
 
-def crop(image: np.ndarray, box, margin: float = 0.1) -> np.ndarray:
-    """The pixel xyxy `box` of `image` with `margin` of its size on each side, clipped to the image."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = box
-    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-    x0, y0 = int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my)))
-    x1, y1 = int(min(w, np.ceil(x1 + mx))), int(min(h, np.ceil(y1 + my)))
-    return image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
-
-
 def load_cast(cast_dir: str, detector: InstanceDetector, vocabulary: list[str], embed, *,
               margin: float = 0.1) -> Cast:
     """The cast of `cast_dir`; `embed`: list of H×W×3 uint8 crops → K×D unit embeddings."""
@@ -89,7 +80,7 @@ def load_cast(cast_dir: str, detector: InstanceDetector, vocabulary: list[str], 
                 continue
             names.append(name)
             photos.append(path)
-            crops.append(crop(image, box, margin))
+            crops.append(crop_with_margin(image, box, margin))
     for why in skipped:
         log.warning("cast: skipping %s", why)
     if not names:

@@ -21,9 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mpp.caption import crop_with_margin
 from mpp.data.raw import write_raw_sample
 
-from .cast import Cast, crop
+from .cast import Cast
 from .clusters import Cluster, cluster, contact_sheet, read_edits, write_clusters
 from .frames import Dropped, FrameSettings, frames, list_sources
 
@@ -81,14 +82,15 @@ def _source_record(raw: str, source: str) -> str:
     return os.path.join(work_dir(raw), "sources", f"{name}.json")
 
 
-def analyse_frame(frame, detector, captioner, embed, settings: AnnotateSettings, scene_caption: str | None) -> dict:
+def analyse_frame(frame, detector, captioner, embed, settings: AnnotateSettings,
+                  scene_caption: str | None) -> tuple[dict, torch.Tensor]:
     """Detections, captions and embeddings of one frame: (record, K×D embeddings)."""
     found = detector.detect_all(frame.image, list(settings.vocabulary))
     boxes = [list(d.box) for d in found]
     captions = captioner.caption_regions(frame.image, boxes) if boxes else []
     if scene_caption is None:
         scene_caption = captioner.caption(frame.image)
-    embeds = embed([crop(frame.image, b, settings.margin) for b in boxes]) if boxes else torch.zeros(0, 1)
+    embeds = embed([crop_with_margin(frame.image, b, settings.margin) for b in boxes]) if boxes else torch.zeros(0, 1)
     record = {"id": frame.id, "source": frame.source, "time": frame.time, "shot": frame.shot, "caption": scene_caption,
               "width": int(frame.image.shape[1]), "height": int(frame.image.shape[0]),
               "instances": [{"bbox": [round(v, 2) for v in d.box], "label": d.label, "score": round(d.score, 4),
@@ -216,7 +218,7 @@ def assemble(raw: str, analysed: Analysed, *, cast: Cast | None, settings: Annot
 
 def _crop_of(raw: str, instance: dict, key: str, margin: float) -> np.ndarray:
     fid = key.rsplit("#", 1)[0]
-    return crop(_frame_image(raw, fid), instance[key]["bbox"], margin)
+    return crop_with_margin(_frame_image(raw, fid), instance[key]["bbox"], margin)
 
 
 def _write_references(raw: str, cast: Cast | None, clusters: list[Cluster], instance: dict, margin: float) -> dict:
