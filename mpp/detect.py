@@ -11,6 +11,7 @@ are `DetectSettings`. Grounding DINO and OWLv2 (transformers, a hub id or a loca
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,7 +137,7 @@ def _phrases(vocabulary: list[str]) -> list[str]:
     return list(vocabulary)
 
 
-class _TransformersDetector:
+class _TransformersDetector(ABC):
     """Loading, devices and the `mpp.evaluate.Detector` side, shared by the transformers detectors."""
 
     kind: str
@@ -181,8 +182,9 @@ class _TransformersDetector:
         found = self.detect_all(image, [caption])
         return found[0].box if found else None
 
+    @abstractmethod
     def _detect(self, image: Image.Image, phrases: list[str]) -> list[Detection]:
-        raise NotImplementedError
+        """The model's detections of `phrases` in `image`, before thresholds and NMS."""
 
 
 class GroundingDinoDetector(_TransformersDetector):
