@@ -1,12 +1,16 @@
 """The layouts JSONL that generation reads and the report it writes, with their readers.
 
-Each JSONL line: {"id": "shot_12"?, "prompt": "...", "width": 1584?, "height": 656?, "instances":
+Each JSONL line: {"id": "shot_12"?, "prompt": "...", "width": 1584?, "height": 656?, "seed": 7?,
+"sampling": {"steps": 28, "layout_guidance": 3.0, "identity_guidance": null}?, "instances":
 [{"bbox": [x0, y0, x1, y1], "caption": "...", "reference": "refs/actor.png"?}]}. `width` and
 `height` (both or neither) are the generated image's size in pixels, multiples of 16 (VAE
 downsampling × 2×2 packing, `mpp.data.buckets.UNIT`); without them it is the data.resolution
 square. Boxes whose values all lie in [0, 1] are normalized; otherwise they are pixels of the
 generated image. References are relative to the JSONL's folder. A line without an id is
-`line<N>` (N its 1-based number, five digits).
+`line<N>` (N its 1-based number, five digits). A line's `seed` samples it from that seed instead of
+the run's seed + its index, and its `sampling` overrides those of the run's sampling values
+(`mpp.sampling.SamplingConfig`) for it alone: a shot list saved by `mpp studio` renders the same
+pixels in `mpp generate`.
 
 A generation writes `<name>.png`, `<name>_boxes.png` (boxes coloured by the predicted α; `name` the
 id made a plain file name, `mpp.filenames.safe_stem`, both in the report) and `generated.json`: the
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +37,7 @@ from mpp.filenames import is_safe_stem, safe_stem
 from mpp.viz import draw_boxes
 
 REPORT_NAME = "generated.json"
+LINE_SAMPLING_KEYS = ("steps", "layout_guidance", "identity_guidance")
 
 
 @dataclass
@@ -45,6 +50,8 @@ class Layout:
     name: str = ""  # file name stem of its images (mpp.filenames.safe_stem of the id when empty)
     width: int = 1024  # the generated image's size in pixels
     height: int = 1024
+    seed: int | None = None  # its own seed (None: the run's seed + its index)
+    sampling: dict = field(default_factory=dict)  # its own values of LINE_SAMPLING_KEYS
 
     def __post_init__(self):
         self.name = self.name or safe_stem(self.id, "layout")
@@ -68,11 +75,41 @@ def _frame_size(data: dict, resolution: int) -> tuple[int, int]:
     return size
 
 
-def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout:
-    data = json.loads(line)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _line_sampling(data: dict) -> tuple[int | None, dict]:
+    """The line's own seed and sampling values, checked."""
+    seed = data.get("seed")
+    if seed is not None and not (_is_int(seed) and seed >= 0):
+        raise ValueError(f"'seed' must be a whole number >= 0, got {seed!r}")
+    sampling = data.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise ValueError(f"'sampling' must be an object of {', '.join(LINE_SAMPLING_KEYS)}, got {sampling!r}")
+    unknown = sorted(set(sampling) - set(LINE_SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"'sampling' has unknown keys {unknown}; it takes {', '.join(LINE_SAMPLING_KEYS)}")
+    steps = sampling.get("steps", 1)
+    if not (_is_int(steps) and steps >= 1):
+        raise ValueError(f"sampling 'steps' must be a whole number >= 1, got {steps!r}")
+    for key in ("layout_guidance", "identity_guidance"):
+        value = sampling.get(key, 0.0)
+        if value is None and key == "identity_guidance":
+            continue  # the same as layout_guidance
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value >= 0):
+            raise ValueError(f"sampling {key!r} must be a number >= 0, got {value!r}")
+    return seed, dict(sampling)
+
+
+def parse_layout(data, number: int, *, resolution: int, root: str) -> Layout:
+    """One layout (a JSONL line's object, line `number`; references relative to `root`), checked:
+    a ValueError says what is wrong with it."""
     if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
         raise ValueError("needs a string field 'prompt'")
     width, height = _frame_size(data, resolution)
+    seed, sampling = _line_sampling(data)
     instances = data.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ValueError("needs a non-empty list 'instances' of boxes")
@@ -104,7 +141,7 @@ def _parse_line(line: str, number: int, *, resolution: int, root: str) -> Layout
         refs.append(ref)
     sid = _layout_id(data, number)
     return Layout(id=sid, prompt=data["prompt"], boxes=torch.tensor(boxes), captions=captions, references=refs,
-                  name=safe_stem(sid, f"line{number:05d}"), width=width, height=height)
+                  name=safe_stem(sid, f"line{number:05d}"), width=width, height=height, seed=seed, sampling=sampling)
 
 
 def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]]:
@@ -119,7 +156,7 @@ def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]
             if not line.strip():
                 continue
             try:
-                layout = _parse_line(line, number, resolution=resolution, root=root)
+                layout = parse_layout(json.loads(line), number, resolution=resolution, root=root)
             except (ValueError, json.JSONDecodeError) as e:
                 errors.append(f"{path}:{number}: {e}")
                 continue

@@ -4,7 +4,7 @@ optional classifier-free guidance on the layout and on the references. Training'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -97,11 +97,20 @@ def sample_latents(model, batch: dict, noise: Tensor, sampling: SamplingConfig, 
     return euler_sample(velocity, noise, steps=sampling.steps, shift=shift)
 
 
+def layout_sampling(sampling: SamplingConfig, layout: Layout, index: int) -> SamplingConfig:
+    """The sampling of layout `index` of a run: the run's values with the layout's own (`Layout.sampling`)
+    over them, and its seed: the layout's own, else `sampling.seed + index`."""
+    seed = sampling.seed + index if layout.seed is None else layout.seed
+    return replace(sampling, **layout.sampling, seed=seed)
+
+
 @torch.no_grad()
 def generate_one(model, encoders: Encoders, layout: Layout, *, sampling: SamplingConfig, index: int,
                  guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, Tensor, int]:
-    """Samples one layout with `model` (an `mpp.nn.MppFlux`) at the layout's width × height from seed
-    `sampling.seed + index`. Returns the image (H×W×3 uint8), the predicted α per instance and the seed."""
+    """Samples one layout with `model` (an `mpp.nn.MppFlux`) at the layout's width × height with
+    `layout_sampling(sampling, layout, index)` (seed `sampling.seed + index` unless the layout has its
+    own). Returns the image (H×W×3 uint8), the predicted α per instance and the seed."""
+    sampling = layout_sampling(sampling, layout, index)
     device = next(model.parameters()).device
     down = encoders.vae_downsample
     if layout.width % (2 * down) or layout.height % (2 * down):
@@ -110,7 +119,7 @@ def generate_one(model, encoders: Encoders, layout: Layout, *, sampling: Samplin
     shape = (1, model.backbone.config.in_channels // 4, layout.height // down, layout.width // down)
     model.eval()
     batch = encode_layout(encoders, layout)
-    seed = sampling.seed + index
+    seed = sampling.seed
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     alpha = model.instance_alpha(batch["boxes"], batch["instance_mask"], batch["clip_embeds"], batch["dino_embeds"],
                                  batch["instance_text"])[0]

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from mpp.encoders import embedding_dims
+from mpp.layouts import Layout
 from mpp.nn import HeadsConfig, MppFlux, build_backbone
-from mpp.sampling import SamplingConfig, sample_latents
+from mpp.sampling import SamplingConfig, layout_sampling, sample_latents
 from tests.helpers import toy_conditioning
 
 
@@ -57,3 +58,12 @@ def test_identity_guidance_extrapolates_from_the_same_model_without_references(t
 def test_sampling_config_names_the_bad_flag(flag, value):
     with pytest.raises(ValueError, match=f"sampling.{flag}"):
         SamplingConfig(**{flag: value})
+
+
+def test_a_layout_brings_its_own_seed_and_sampling_values():
+    run = SamplingConfig(steps=28, seed=100, layout_guidance=3.0)
+    plain = Layout(id="a", prompt="", boxes=torch.zeros(0, 4), captions=[], references=[])
+    assert layout_sampling(run, plain, 4) == SamplingConfig(steps=28, seed=104, layout_guidance=3.0)
+    own = Layout(id="b", prompt="", boxes=torch.zeros(0, 4), captions=[], references=[], seed=7,
+                 sampling={"steps": 4, "identity_guidance": 1.5})
+    assert layout_sampling(run, own, 4) == SamplingConfig(steps=4, seed=7, layout_guidance=3.0, identity_guidance=1.5)
