@@ -7,6 +7,7 @@
     mpp annotate FRAMES_OR_VIDEOS RAW --cast CAST_DIR                   # footage + cast → raw layout
     mpp synth PROMPTS RAW                                               # FLUX renders, labelled as annotate does
     mpp import coco|layoutsam|yolo SRC RAW                              # the field's formats → raw layout
+    mpp studio --config ... --ckpt_path ... [--cast CAST_DIR]           # the layout editor in the browser
     mpp toy models .cache/toy/models
     mpp toy prepare .cache/toy/data --models_dir .cache/toy/models             # the toy dataset
     mpp checkpoints latest runs/checkpoints/stage1                      # the newest loadable checkpoint
@@ -20,7 +21,7 @@ import sys
 
 TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__",
          "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params", "annotate": "mpp.annotate.__main__",
-         "synth": "mpp.synth", "import": "mpp.importers"}
+         "synth": "mpp.synth", "import": "mpp.importers", "studio": "mpp.studio.__main__"}
 TRAINING = ("fit", "validate", "test", "predict")
 
 

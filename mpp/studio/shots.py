@@ -8,8 +8,9 @@ background element, placed by its caption alone (DESIGN.md section 1).
 The shot list is written as one `mpp.layouts` line per shot: boxes normalized to the frame (six
 decimals, so a box is never misread as pixels), the seed and sampling values on the line (so
 `mpp generate` samples each shot as the studio did), the references relative to the file, and
-the studio's own keys (`plate`: the image the boxes were drawn on) beside them, which `mpp generate` ignores. A shot is checked by parsing that line with
-`mpp.layouts.parse_layout`, so the studio refuses exactly what `mpp generate` would skip.
+the studio's own keys (`plate`: the image the boxes were drawn on) beside them, which
+`mpp generate` ignores. A shot is checked by parsing that line with `mpp.layouts.parse_layout`, so
+the studio refuses exactly what `mpp generate` would skip.
 """
 
 from __future__ import annotations
