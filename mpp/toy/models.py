@@ -34,7 +34,7 @@ from mpp.encoders import VAE_CLASS_PATH
 from .codec import PatchCodec
 from .pretrain import pretrain_toy_backbone
 from .scenes import ToyWorld
-from .vision import pretrain_vision_encoders
+from .vision import CLUTTER_PROB, pretrain_vision_encoders
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ __all__ = [
     "PRETRAIN_SCENES",
 ]
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: the vision encoders see only the world's characters
 MARKER_NAME = "mpp_toy.json"
 FIT_INDEX_OFFSET = 10_000_000  # codec fit scenes: far from any dataset's indices
 MAX_LENGTH = 32
@@ -270,8 +270,9 @@ def _pretrain(out: Path, world: ToyWorld, seed: int, steps: int) -> None:
     _write_json(out / "pretrain.json", {k: result[k] for k in ("steps", "initial_loss", "final_loss")})
 
 
-def _pretrain_vision(out: Path, seed: int, steps: int) -> None:
-    result = pretrain_vision_encoders(out, codec=PatchCodec.from_pretrained(out / "vae"), steps=steps, seed=seed)
+def _pretrain_vision(out: Path, world: ToyWorld, seed: int, steps: int) -> None:
+    result = pretrain_vision_encoders(out, codec=PatchCodec.from_pretrained(out / "vae"),
+                                      identities=world.identities, steps=steps, seed=seed)
     _write_json(out / "vision_pretrain.json", result)
 
 
@@ -287,6 +288,8 @@ def _marker(world: ToyWorld, seed: int, fit_samples: int, pretrain_steps: int = 
     }
     if pretrain_steps:
         marker["pretrain"] = {"batch_size": PRETRAIN_BATCH_SIZE, "lr": PRETRAIN_LR, "num_scenes": PRETRAIN_SCENES}
+    if vision_steps:
+        marker["vision"] = {"clutter_prob": CLUTTER_PROB}
     return marker
 
 
@@ -349,7 +352,7 @@ def build_toy_models(
     try:
         _build(tmp, world, seed, fit_samples)
         if vision_steps:
-            _pretrain_vision(tmp, seed, vision_steps)
+            _pretrain_vision(tmp, world, seed, vision_steps)
         if pretrain_steps:
             _pretrain(tmp, world, seed, pretrain_steps)
         _write_json(tmp / MARKER_NAME, marker)  # last: a bundle with a marker is complete

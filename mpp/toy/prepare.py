@@ -30,6 +30,15 @@ from .vision import VISION_PRETRAIN_STEPS
 log = logging.getLogger(__name__)
 
 
+def build_toy_bundle(models_dir, *, image_size: int, seed: int, num_identities: int, min_box: int, max_box: int,
+                     pretrain_steps: int, vision_steps: int) -> ToyWorld:
+    """Builds (once) the toy models of the square, fully described world of these characters and
+    boxes, as a toy dataset of them is prepared with; returns that world."""
+    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box, max_box=max_box)
+    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
+    return world
+
+
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
                 pretrain_steps: int = DEFAULT_PRETRAIN_STEPS, vision_steps: int = 0, num_identities: int = 8,
                 encoders: EncoderSettings | None = None, num_shards: int = 1,
@@ -43,8 +52,9 @@ def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: i
     per ratio. The models are those of the square world of these characters and boxes, every
     character described."""
     ratios = [float(a) for a in aspect_ratios or [1.0]]
-    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box, max_box=max_box)
-    build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
+    world = build_toy_bundle(models_dir, image_size=image_size, seed=seed, num_identities=num_identities,
+                             min_box=min_box, max_box=max_box, pretrain_steps=pretrain_steps,
+                             vision_steps=vision_steps)
     world = ToyWorld(**world.config, describe_prob=describe_prob,
                      frames=None if ratios == [1.0] else frames_for(image_size, ratios))
     buckets = Buckets(aspect_ratios=ratios, portrait=False)

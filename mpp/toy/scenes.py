@@ -54,6 +54,8 @@ __all__ = [
     "frames_for",
     "identity_from_name",
     "make_identity",
+    "overlap_of_smaller",
+    "paint_element",
     "paint_identity",
     "reference_image",
 ]
@@ -134,7 +136,8 @@ class Scene:
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _overlap_of_smaller(a, b) -> float:
+def overlap_of_smaller(a, b) -> float:
+    """The intersection of two xyxy boxes over the smaller one's area."""
     iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
@@ -194,7 +197,8 @@ def paint_identity(canvas: np.ndarray, box, ident: Identity) -> None:
     region[tex] = ident.color2
 
 
-def _paint_plain(canvas: np.ndarray, box, shape: str, color: Color) -> None:
+def paint_element(canvas: np.ndarray, box, shape: str, color: Color) -> None:
+    """Draws a background element's plain ``shape`` (rect or blob) in ``color`` to the extents of ``box``."""
     x0, y0, x1, y1 = box
     canvas[y0:y1, x0:x1][_shape_mask(shape, y1 - y0, x1 - x0)] = color
 
@@ -393,7 +397,7 @@ class ToyWorld:
             x0 = int(rng.integers(0, fw - w + 1))
             y0 = int(rng.integers(0, fh - h + 1))
             box = (x0, y0, x0 + w, y0 + h)
-            if all(box_iou(box, b) <= 0.3 and _overlap_of_smaller(box, b) <= 0.25 for b in boxes):
+            if all(box_iou(box, b) <= 0.3 and overlap_of_smaller(box, b) <= 0.25 for b in boxes):
                 return box
         return None
 
@@ -437,7 +441,7 @@ class ToyWorld:
             else:
                 cword, noun, shape, color = ELEMENT_KINDS[elem_order[ne]]
                 ne += 1
-                _paint_plain(image, box, shape, color)
+                paint_element(image, box, shape, color)
                 inst = ToyInstance(box, f"a {cword} {noun}", False, None, color)
             used_colors.add(inst.color)
             boxes.append(box)
