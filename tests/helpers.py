@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mpp.cli import main as cli_main
 from mpp.data.buckets import Buckets
 from mpp.nn import MppFlux, flux_velocity
 from mpp.toy.bundle import toy_encoder_settings
@@ -111,6 +112,18 @@ def fit_args(stage, toy_models, toy_prepared, *extra, overlays=("tests/conf/fast
     return ["fit", *[a for c in configs for a in ("--config", os.path.join(ROOT, c))],
             f"--model.backbone={toy_models}", f"--data.root={toy_prepared}", f"--data.encoders.flux={enc.flux}",
             f"--data.encoders.clip_vision={enc.clip_vision}", f"--data.encoders.dino={enc.dino}", *extra]
+
+
+def train_toy_checkpoint(root, toy_models, toy_prepared, *extra, steps: int = 2) -> tuple[str, list[str]]:
+    """A stage-1 toy run of `steps` steps in folder `root`: its last checkpoint and the fit arguments."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        args = fit_args(1, toy_models, toy_prepared, f"--trainer.max_steps={steps}", *extra)
+        cli_main(args)
+    finally:
+        os.chdir(cwd)
+    return os.path.join(str(root), f"runs/checkpoints/stage1/step={steps:07d}.ckpt"), args
 
 
 def recorder(cli) -> Recorder:

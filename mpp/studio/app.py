@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from gradio_image_annotation import image_annotator
 
+from mpp.evaluate import box_iou
 from mpp.viz import BACKGROUND, FOREGROUND
 
 from .session import Engine, Studio
@@ -68,14 +69,6 @@ def _canvas(shot: Shot) -> dict:
                        "color": _rgb(FOREGROUND if b.reference else BACKGROUND)} for b in shot.boxes]}
 
 
-def _iou(a: list[float], b: list[float]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, w) * max(0.0, h)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _boxes_from_canvas(canvas: dict | None, shot: Shot) -> list[ShotBox]:
     """The canvas's boxes in frame pixels, in the shot's order: the annotator lists the selected box
     first, so each drawn box is matched to the shot's box it overlaps most (IoU ≥ 0.3, greedily), keeps
@@ -83,7 +76,7 @@ def _boxes_from_canvas(canvas: dict | None, shot: Shot) -> list[ShotBox]:
     k = display_scale(shot.width, shot.height)
     drawn = [([float(b[c]) / k for c in ("xmin", "ymin", "xmax", "ymax")], str(b.get("label", "")))
              for b in (canvas or {}).get("boxes") or []]
-    pairs = sorted(((_iou(d[0], old.bbox), i, j) for i, d in enumerate(drawn) for j, old in enumerate(shot.boxes)),
+    pairs = sorted(((box_iou(d[0], old.bbox), i, j) for i, d in enumerate(drawn) for j, old in enumerate(shot.boxes)),
                    reverse=True)
     place: dict[int, int] = {}
     for iou, i, j in pairs:

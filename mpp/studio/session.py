@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
 
 from mpp.data.raw import read_image
 from mpp.encoders import Encoders
@@ -22,6 +21,7 @@ from mpp.filenames import safe_stem
 from mpp.generate import load_module
 from mpp.layouts import REPORT_NAME, save_generated, write_report
 from mpp.sampling import SamplingConfig, generate_one
+from mpp.viz import draw_boxes
 
 from .shots import Shot, check_shot, read_shot_list, write_shot_list
 
@@ -150,7 +150,7 @@ class Studio:
         if seed is None:
             self.records[shot.id] = record
             write_report(self.out_dir, list(self.records.values()), checkpoint=e.source, layouts=self.shot_list_path)
-        overlay = np.asarray(Image.open(os.path.join(self.out_dir, record["image_with_boxes"])).convert("RGB"))
+        overlay = draw_boxes(pixels, layout.boxes.cpu(), alpha)  # what save_generated wrote beside the image
         return Render(image=pixels, overlay=overlay, alpha=record["alpha"], record=record)
 
     def seed_strip(self, shot: Shot, count: int) -> list[Render]:

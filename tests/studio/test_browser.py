@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from mpp.__main__ import main as mpp_main
-from mpp.cli import main as cli_main
-from tests.helpers import ROOT, fit_args
+from tests.helpers import ROOT, train_toy_checkpoint
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -40,18 +39,10 @@ def served(tmp_path_factory, toy_models, toy_prepared, toy_world):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (as .ci/run does)")
     root = tmp_path_factory.mktemp("studio_browser")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2")
-        cli_main(args)
-        other = root / "other"  # a checkpoint of another model: a coarser modulation grid
-        other.mkdir()
-        os.chdir(other)
-        cli_main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1", "--model.heads.modulation_grid=2"))
-    finally:
-        os.chdir(cwd)
-    ckpt = str(root / "runs/checkpoints/stage1/step=0000002.ckpt")
+    ckpt, args = train_toy_checkpoint(root, toy_models, toy_prepared)
+    (root / "other").mkdir()  # a checkpoint of another model: a coarser modulation grid
+    other, _ = train_toy_checkpoint(root / "other", toy_models, toy_prepared, "--model.heads.modulation_grid=2",
+                                    steps=1)
     flags = [a for a in args[1:] if not a.startswith("--trainer.max_steps")]
     for ident in toy_world.identities[:2]:  # one folder per character, as `mpp annotate --cast` reads
         (root / "cast" / ident.name).mkdir(parents=True)
@@ -73,7 +64,7 @@ def served(tmp_path_factory, toy_models, toy_prepared, toy_world):
                 pytest.fail(f"mpp studio did not start:\n{(root / 'studio.log').read_text()[-3000:]}")
             time.sleep(0.5)
     yield {"url": url, "out": out, "ckpt": ckpt, "flags": flags, "root": root,
-           "other": str(root / "other/runs/checkpoints/stage1/step=0000001.ckpt")}
+           "other": other}
     proc.terminate()
     proc.wait(30)
     log.close()

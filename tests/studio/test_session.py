@@ -9,27 +9,19 @@ import pytest
 from PIL import Image
 
 from mpp.__main__ import main as mpp_main
-from mpp.cli import main as cli_main
 from mpp.studio.session import Studio, cast_gallery, load_checkpoint_engine
 from mpp.studio.shots import ShotBox
-from tests.helpers import fit_args
+from tests.helpers import train_toy_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, toy_models, toy_prepared):
     """A stage-1 checkpoint of the toy (2 steps) and the configs and flags that built it."""
-    root = tmp_path_factory.mktemp("studio_run")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2")
-        cli_main(args)
-    finally:
-        os.chdir(cwd)
+    ckpt, args = train_toy_checkpoint(tmp_path_factory.mktemp("studio_run"), toy_models, toy_prepared)
     flags = args[1:]
     configs = [flags[i + 1] for i, a in enumerate(flags) if a == "--config"]
     overrides = [a for a in flags if a.startswith("--") and a != "--config" and "=" in a]
-    return str(root / "runs/checkpoints/stage1/step=0000002.ckpt"), configs, overrides
+    return ckpt, configs, overrides
 
 
 @pytest.fixture(scope="module")
