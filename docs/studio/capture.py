@@ -3,7 +3,7 @@ trained toy checkpoint and a cast folder, draws a 16:9 shot of two boxes in head
 the first a cast photo, and captures the page before and after generating.
 
     python docs/studio/capture.py --ckpt_path .cache/bench/toy_annotate/truth/final.ckpt \\
-        --cast .cache/bench/toy_annotate/cast [--character NAME] [-- overrides of mpp studio]
+        --cast .cache/bench/toy_annotate/cast [--character orange_striped_square] [-- overrides of mpp studio]
 
 The browser flow is the browser test's (`tests/studio/test_browser.py`), on a model that draws.
 """
@@ -28,9 +28,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--cast", required=True)
-    p.add_argument("--character", help="the cast member given to the first box (default: the first)")
-    p.add_argument("--prompt", default="a red striped square beside a grey block")
-    p.add_argument("--captions", nargs=2, default=["a red striped square", "a grey block"])
+    p.add_argument("--character", default="orange_striped_square", help="the cast member given to the first box")
+    p.add_argument("--prompt", default="an orange striped square beside a grey block")
+    p.add_argument("--captions", nargs=2, default=["an orange striped square", "a grey block"])
     p.add_argument("--to", default=os.path.dirname(os.path.abspath(__file__)))
     a, overrides = p.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
