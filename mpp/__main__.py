@@ -8,6 +8,7 @@
     mpp synth PROMPTS RAW                                               # FLUX renders, labelled as annotate does
     mpp import coco|layoutsam|yolo SRC RAW                              # the field's formats → raw layout
     mpp studio --config ... --ckpt_path ... [--cast CAST_DIR]           # the layout editor in the browser
+    mpp export --config ... --ckpt_path CKPT --out DIR                  # the export of any checkpoint
     mpp toy models .cache/toy/models
     mpp toy prepare .cache/toy/data --models_dir .cache/toy/models             # the toy dataset
     mpp checkpoints latest runs/checkpoints/stage1                      # the newest loadable checkpoint
@@ -21,7 +22,8 @@ import sys
 
 TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__",
          "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params", "annotate": "mpp.annotate.__main__",
-         "synth": "mpp.synth", "import": "mpp.importers", "studio": "mpp.studio.__main__"}
+         "synth": "mpp.synth", "import": "mpp.importers", "studio": "mpp.studio.__main__",
+         "export": "mpp.export_cli"}
 TRAINING = ("fit", "validate", "test", "predict")
 
 

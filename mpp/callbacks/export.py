@@ -36,14 +36,20 @@ class ExportSafetensors(L.Callback):
         state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
         if not trainer.is_global_zero:
             return
-        weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
-        bad = list(nonfinite_tensors(weights))
-        if bad:
-            raise NonFiniteError(f"refusing to export to {self.dirpath}: {len(bad)} weights hold non-finite values, "
-                                 f"e.g. {bad[:5]}")
-        hp = pl_module.hparams
-        config = ExportConfig(stage=pl_module.stage, backbone=hp.backbone, backbone_subfolder=hp.backbone_subfolder,
-                              backbone_dtype=hp.backbone_dtype, heads=pl_module.heads,
-                              encoders=pl_module.encoder_settings, guidance=hp.guidance, sampling=pl_module.sampling)
-        write_export(self.dirpath, weights, config, lora_metadata(pl_module.model.backbone))
-        log.info("exported %s to %s", ", ".join(sorted(os.listdir(self.dirpath))), self.dirpath)
+        export_module(pl_module, state, self.dirpath)
+
+
+def export_module(pl_module: L.LightningModule, state: dict, dirpath: str) -> None:
+    """Writes the export of `pl_module` (an MppModule) whose full state dict is `state` to `dirpath`;
+    the callback's and `mpp export`'s one path. Non-finite weights are never exported."""
+    weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
+    bad = list(nonfinite_tensors(weights))
+    if bad:
+        raise NonFiniteError(f"refusing to export to {dirpath}: {len(bad)} weights hold non-finite values, "
+                             f"e.g. {bad[:5]}")
+    hp = pl_module.hparams
+    config = ExportConfig(stage=pl_module.stage, backbone=hp.backbone, backbone_subfolder=hp.backbone_subfolder,
+                          backbone_dtype=hp.backbone_dtype, heads=pl_module.heads,
+                          encoders=pl_module.encoder_settings, guidance=hp.guidance, sampling=pl_module.sampling)
+    write_export(dirpath, weights, config, lora_metadata(pl_module.model.backbone))
+    log.info("exported %s to %s", ", ".join(sorted(os.listdir(dirpath))), dirpath)
