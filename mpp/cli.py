@@ -210,7 +210,7 @@ class MppCLI(LightningCLI):
         log_dir = getattr(self.trainer.logger, "log_dir", None)
         fresh = log_dir is not None and not os.path.exists(log_dir)
         checkpoints = self.trainer.checkpoint_callback
-        log.info("stage %d: TensorBoard in %s, checkpoints in %s", self.model.stage,
+        log.info("stage %d: logs in %s, checkpoints in %s", self.model.stage,
                  log_dir and os.path.abspath(log_dir), checkpoints and checkpoints.dirpath)
         try:
             self.trainer.fit(**kwargs)

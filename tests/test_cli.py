@@ -164,7 +164,7 @@ def test_first_run_shows_its_progress_from_any_directory(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     err = run.stderr.splitlines()
     said = [re.match(r"INFO (mpp\.[\w.]+): (.*)", x).groups() for x in err if x.startswith("INFO mpp.")]
-    expected = [("mpp.cli", "stage 1: TensorBoard in "), ("mpp.toy.models", "building the toy models in "),
+    expected = [("mpp.cli", "stage 1: logs in "), ("mpp.toy.models", "building the toy models in "),
                 ("mpp.toy.models", "toy models ready in "),
                 ("mpp.prepare", "shard 0/1: 12 samples prepared (12 written now, 0 already done)"),
                 ("mpp.callbacks.export", "exporting the stage-1 weights"),

@@ -3,12 +3,13 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from mpp.callbacks.image_sink import log_image
 from mpp.data.dataset import BadRecord, collate
-from mpp.viz import draw_boxes, grid, to_chw, to_uint8
+from mpp.viz import draw_boxes, grid, to_uint8
 
 
 class ImageLogger(L.Callback):
-    """Every `every_n_steps` optimizer steps, logs to TensorBoard a grid of the first `num_samples`
+    """Every `every_n_steps` optimizer steps, logs to the run's loggers (`image_sink`) a grid of the first `num_samples`
     validation layouts: ground truth with boxes coloured by α (red foreground, blue background)
     above the model's own Euler-sampled generations of the same layouts from a fixed seed. Layouts
     of different aspect-ratio buckets are sampled bucket by bucket and sit centred in the grid's cells.
@@ -51,7 +52,7 @@ class ImageLogger(L.Callback):
             rows[1] += generated
         if not trainer.is_global_zero or not rows[0]:
             return
-        trainer.logger.experiment.add_image("images/truth_vs_generated", to_chw(grid(rows)), trainer.global_step)
+        log_image(trainer, "images/truth_vs_generated", grid(rows), trainer.global_step)
 
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict
                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
