@@ -17,7 +17,8 @@ def test_wandb_offline_run_gets_the_image_grids_and_the_scalars(in_tmp, toy_mode
                   "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
                   "--trainer.logger.project=mpp-test", f"--trainer.logger.save_dir={in_tmp}"))
     summary = dict(cli.trainer.logger.experiment.summary)  # the last value of each logged key
-    assert {"loss/total", "loss/flow_matching", "train/grad_norm", "val/loss", "images/truth_vs_generated"} <= set(summary)
+    logged = {"loss/total", "loss/flow_matching", "train/grad_norm", "val/loss", "images/truth_vs_generated"}
+    assert logged <= set(summary), sorted(summary)
     wandb.finish()
     runs = glob.glob(str(in_tmp / "wandb" / "offline-run-*"))
     assert len(runs) == 1, runs
