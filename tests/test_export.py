@@ -128,8 +128,9 @@ def test_mpp_export_writes_the_export_of_a_mid_run_checkpoint(in_tmp, toy_models
 
 
 def test_the_diffusers_floor_has_the_lora_metadata_api_the_export_writes_with():
-    """pyproject's floor (diffusers 0.34) is the first release whose save_lora_weights takes the
-    adapter metadata; 0.33 has no such argument. Run on 0.34 itself, this file passes whole (README)."""
+    """pyproject's floor is diffusers 0.35: 0.34 is the first release whose save_lora_weights takes the
+    adapter metadata (0.33 has no such argument), 0.35 the first whose FluxAttention has the head_dim
+    mpp.nn uses. On 0.35.2 this file passes but for the tiny FluxPipeline's tokenizer (decisions.md)."""
     import inspect
 
     assert "transformer_lora_adapter_metadata" in inspect.signature(FluxPipeline.save_lora_weights).parameters

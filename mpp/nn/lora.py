@@ -103,4 +103,7 @@ def lora_metadata(backbone: nn.Module) -> dict | None:
     config = getattr(backbone, "peft_config", {}).get(ADAPTER_NAME)
     if config is None:
         return None
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    # rank_pattern and alpha_pattern (empty: one rank and alpha everywhere) are read unconditionally by
+    # diffusers 0.35's loader, which fails on metadata without them
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+            "rank_pattern": {}, "alpha_pattern": {}}
