@@ -2,7 +2,10 @@
 same files the end of a stage writes (`mpp.export`).
 
     mpp export --config configs/stage1.yaml [--config configs/toy.yaml] \\
-        --ckpt_path runs/checkpoints/stage1/step=0000300.ckpt --out exports/step300 [--model.… overrides]
+        --ckpt_path runs/checkpoints/stage1/step=0000300.ckpt --out exports/step300 [--ema] [--model.… overrides]
+
+`--ema`: the checkpoint's exponential moving average (`mpp.callbacks.ema`, a run with `ema.enabled`)
+instead of its weights.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import argparse
 import logging
 import os
 
+from mpp.callbacks.ema import ema_weights
 from mpp.callbacks.export import export_module
+from mpp.checkpoints import load_checkpoint
 from mpp.generate import load_module
 
 log = logging.getLogger(__name__)
@@ -22,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", required=True, help="the checkpoint's stage config and overlays")
     p.add_argument("--ckpt_path", required=True, help="a training checkpoint of that stage")
     p.add_argument("--out", required=True, help="the export folder (must not hold an export already)")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     a, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not os.path.isfile(a.ckpt_path):
@@ -30,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--out {a.out!r} already holds an export: give another folder or delete it")
     log.info("export: loading %s", a.ckpt_path)
     module, _ = load_module(a.config, a.ckpt_path, overrides)
-    export_module(module, module.state_dict(), a.out)
+    state = module.state_dict()
+    if a.ema:
+        shadow = ema_weights(load_checkpoint(a.ckpt_path), a.ckpt_path)
+        unknown = sorted(set(shadow) - set(state))
+        if unknown:
+            raise ValueError(f"--ema: {a.ckpt_path}'s EMA holds weights this model lacks, e.g. {unknown[:3]}")
+        state = {**state, **{k: v.to(state[k].dtype) for k, v in shadow.items()}}
+    export_module(module, state, a.out)
     return 0
 
 

@@ -1,5 +1,6 @@
 """Callbacks, one job each."""
 
+from mpp.callbacks.ema import EMA
 from mpp.callbacks.export import ExportSafetensors
 from mpp.callbacks.final import FinalCheckpoint
 from mpp.callbacks.finite import NonFiniteGuard
@@ -11,5 +12,5 @@ from mpp.callbacks.preemption import PreemptionCheckpoint
 from mpp.callbacks.progress import StepProgressBar
 from mpp.callbacks.throughput import Throughput
 
-__all__ = ["CheckpointHousekeeping", "ExportSafetensors", "FinalCheckpoint", "GradNorm", "ImageLogger", "LayoutWriter",
-           "NonFiniteGuard", "PreemptionCheckpoint", "StepProgressBar", "Throughput"]
+__all__ = ["EMA", "CheckpointHousekeeping", "ExportSafetensors", "FinalCheckpoint", "GradNorm", "ImageLogger",
+           "LayoutWriter", "NonFiniteGuard", "PreemptionCheckpoint", "StepProgressBar", "Throughput"]

@@ -3,6 +3,7 @@ import os
 
 import lightning as L
 
+from mpp.callbacks.ema import averaged
 from mpp.callbacks.final import training_finished
 from mpp.checkpoints import NonFiniteError, nonfinite_tensors
 from mpp.export import ExportConfig, write_export
@@ -33,7 +34,10 @@ class ExportSafetensors(L.Callback):
             return
         if trainer.is_global_zero:
             log.info("exporting the stage-%d weights to %s", pl_module.stage, self.dirpath)
-        state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
+        with averaged(trainer, pl_module):  # the EMA's weights where the run keeps one
+            state = trainer.strategy.lightning_module_state_dict()  # collective under FSDP; full on rank 0
+            # copied while the average is in: a state dict's tensors share the parameters' storage
+            state = {k: state[k].detach().clone() for k in pl_module.owned_keys() if k in state}
         if not trainer.is_global_zero:
             return
         export_module(pl_module, state, self.dirpath)

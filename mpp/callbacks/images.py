@@ -3,6 +3,7 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from mpp.callbacks.ema import averaged
 from mpp.callbacks.image_sink import log_image
 from mpp.data.dataset import BadRecord, collate
 from mpp.viz import draw_boxes, grid, to_uint8
@@ -46,10 +47,11 @@ class ImageLogger(L.Callback):
     @torch.no_grad()
     def log_images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = [[], []]
-        for batch in self._batches(trainer, pl_module.device):
-            truth, generated = self._sample(trainer, pl_module, batch)
-            rows[0] += truth
-            rows[1] += generated
+        with averaged(trainer, pl_module):
+            for batch in self._batches(trainer, pl_module.device):
+                truth, generated = self._sample(trainer, pl_module, batch)
+                rows[0] += truth
+                rows[1] += generated
         if not trainer.is_global_zero or not rows[0]:
             return
         log_image(trainer, "images/truth_vs_generated", grid(rows), trainer.global_step)
