@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image
 
 from mpp.cli import main as cli_main
 from mpp.data.buckets import Buckets
@@ -402,3 +403,18 @@ def save_tiny_flux_pipeline(folder, seed: int = 0) -> str:
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def write_sample_shots(tmp_path, toy_world) -> str:
+    """shots.jsonl in `tmp_path`: "hero" (a toy scene, one reference) and "wide" (64×32, its own seed 7)."""
+    scene = toy_world.scene(3)
+    ref = next(i for i in scene.instances if i.foreground)
+    Image.fromarray(toy_world.reference(ref.identity)).save(tmp_path / "ref.png")
+    lines = [{"id": "hero", "prompt": scene.caption,
+              "instances": [{"bbox": list(i.bbox), "caption": i.caption,
+                             **({"reference": "ref.png"} if i is ref else {})} for i in scene.instances]},
+             {"id": "wide", "prompt": "a grey block", "width": 64, "height": 32, "seed": 7,
+              "instances": [{"bbox": [0.1, 0.2, 0.5, 0.9], "caption": "a grey block"}]}]
+    path = tmp_path / "shots.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
