@@ -99,8 +99,9 @@ class ImageLogger(L.Callback):
             return
         if rows[0]:
             log_image(trainer, "images/truth_vs_generated", grid(rows), trainer.global_step)
-        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples",
-                              f"step={trainer.global_step:07d}")
+        # the logger's folder, not trainer.log_dir: that broadcasts, and only rank 0 is here under DDP
+        log_dir = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+        folder = os.path.join(log_dir, "samples", f"step={trainer.global_step:07d}")
         for name, row in shots:
             log_image(trainer, f"layouts/{name}", grid([[boxed for _, _, boxed in row]]), trainer.global_step)
             os.makedirs(folder, exist_ok=True)

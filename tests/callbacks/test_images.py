@@ -15,7 +15,7 @@ def test_sample_layouts_are_rendered_to_tensorboard_and_pngs_from_fixed_seeds(in
                                                                                toy_world):
     shots = write_sample_shots(in_tmp, toy_world)
     cli = main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2", f"--images.layouts={shots}"))
-    log_dir = cli.trainer.log_dir
+    log_dir = cli.trainer.logger.log_dir
     acc = EventAccumulator(log_dir, size_guidance={"images": 0})
     acc.Reload()
     for name in ("hero", "wide"):  # fast.yaml: every 2 steps, so step 0 (untrained) and step 2
