@@ -418,3 +418,10 @@ def write_sample_shots(tmp_path, toy_world) -> str:
     path = tmp_path / "shots.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return str(path)
+
+
+def export_command(fit: list[str]) -> list[str]:
+    """`mpp export`'s arguments for a checkpoint of the run `fit` (fit_args): its configs and model/data overrides."""
+    configs = [fit[i + 1] for i, a in enumerate(fit) if a == "--config"]
+    overrides = [a for a in fit[1:] if a.startswith(("--model.", "--data."))]
+    return ["export", *[x for c in configs for x in ("--config", c)], *overrides]

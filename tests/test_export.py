@@ -14,7 +14,7 @@ from mpp.__main__ import main as mpp_main
 from mpp.cli import main
 from mpp.export import load_exported
 from mpp.toy.bundle import toy_encoder_settings
-from tests.helpers import fit_args, save_tiny_flux_pipeline, toy_conditioning, train_toy_checkpoint
+from tests.helpers import export_command, fit_args, save_tiny_flux_pipeline, toy_conditioning, train_toy_checkpoint
 
 
 def _relative_paths(toy_models, cwd) -> list[str]:
@@ -107,11 +107,8 @@ def test_mpp_export_writes_the_export_of_a_mid_run_checkpoint(in_tmp, toy_models
     ckpt, args = train_toy_checkpoint(in_tmp, toy_models, toy_prepared, "--model.heads.lora_scope=all",
                                       "--model.heads.lora_alpha=8", steps=3)
     mid = ckpt.replace("step=0000003", "step=0000001")
-    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
-    overrides = [a for a in args[1:] if a.startswith("--model.") or a.startswith("--data.")]
     out = in_tmp / "exports/step1"
-    assert mpp_main(["export", *[x for c in configs for x in ("--config", c)], "--ckpt_path", mid, "--out", str(out),
-                     *overrides]) == 0
+    assert mpp_main([*export_command(args), "--ckpt_path", mid, "--out", str(out)]) == 0
     state = torch.load(mid, weights_only=False, map_location="cpu")["state_dict"]
     in_file = {k.removeprefix("transformer."): v for k, v in load_file(out / "lora.safetensors").items()}
     from_ckpt = {k.removeprefix("model.backbone.").replace(".mpp.", "."): v for k, v in state.items() if ".lora_" in k}
@@ -124,7 +121,7 @@ def test_mpp_export_writes_the_export_of_a_mid_run_checkpoint(in_tmp, toy_models
     final = torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
     assert any(not torch.equal(v, final[f"model.{k}"]) for k, v in heads.items())  # the mid-run weights, not the last
     with pytest.raises(ValueError, match="already holds an export"):
-        mpp_main(["export", *[x for c in configs for x in ("--config", c)], "--ckpt_path", mid, "--out", str(out)])
+        mpp_main([*export_command(args), "--ckpt_path", mid, "--out", str(out)])
 
 
 def test_the_diffusers_floor_has_the_lora_metadata_api_the_export_writes_with():

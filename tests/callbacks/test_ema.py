@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from mpp.__main__ import main as mpp_main
 from mpp.callbacks import EMA
 from mpp.cli import main
-from tests.helpers import fit_args
+from tests.helpers import export_command, fit_args
 
 EMA_ON = ["--ema.enabled=true", "--ema.decay=0.5", "--ema.start_step=1"]
 
@@ -76,9 +76,7 @@ def test_ema_export_of_a_checkpoint_holds_its_average(in_tmp, toy_models, toy_pr
     args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=3", *EMA_ON)
     main(args)
     ckpt = str(in_tmp / "runs/checkpoints/stage1/step=0000002.ckpt")
-    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
-    overrides = [a for a in args[1:] if a.startswith(("--model.", "--data."))]
-    command = ["export", *[x for c in configs for x in ("--config", c)], "--ckpt_path", ckpt, *overrides]
+    command = [*export_command(args), "--ckpt_path", ckpt]
     assert mpp_main([*command, "--out", str(in_tmp / "ema"), "--ema"]) == 0
     assert mpp_main([*command, "--out", str(in_tmp / "plain")]) == 0
     shadow, weights = _ema_state(ckpt)["shadow"], torch.load(ckpt, weights_only=False)["state_dict"]
@@ -92,9 +90,6 @@ def test_ema_export_of_a_checkpoint_holds_its_average(in_tmp, toy_models, toy_pr
 def test_ema_export_of_a_run_without_one_names_the_flag(in_tmp, toy_models, toy_prepared):
     args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1")
     main(args)
-    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
-    overrides = [a for a in args[1:] if a.startswith(("--model.", "--data."))]
     with pytest.raises(ValueError, match="holds no EMA"):
-        mpp_main(["export", *[x for c in configs for x in ("--config", c)], "--ckpt_path",
-                  str(in_tmp / "runs/checkpoints/stage1/step=0000001.ckpt"), "--out", str(in_tmp / "e"), "--ema",
-                  *overrides])
+        mpp_main([*export_command(args), "--ckpt_path", str(in_tmp / "runs/checkpoints/stage1/step=0000001.ckpt"),
+                  "--out", str(in_tmp / "e"), "--ema"])
