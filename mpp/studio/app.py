@@ -8,6 +8,7 @@ traceback: the studio's checks raise ValueError with what is wrong, and the page
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -212,12 +213,10 @@ def build_app(studio: Studio, *, cast: dict[str, list[str]] | None = None,
 
         editor_outputs = [shot_state, canvas, boxes_table, *fields, width, height]
 
-        def on_preset(name):
-            if name == CUSTOM or name not in presets:
-                return gr.update(), gr.update()
-            return presets[name]
-
-        preset.change(on_preset, preset, [width, height])
+        # in the browser, so that "new frame" clicked right after a preset already reads its size
+        sizes = json.dumps({name: list(size) for name, size in presets.items()})
+        preset.change(None, [preset, width, height], [width, height],
+                      js=f"(name, w, h) => {{ const s = {sizes}[name]; return s ? s : [w, h]; }}")
 
         def on_new_frame(shot, canvas_value, w, h, plate_path, *values):
             try:

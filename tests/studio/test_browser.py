@@ -16,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import expect, sync_playwright
 
 from mpp.__main__ import main as mpp_main
 from tests.helpers import ROOT, train_toy_checkpoint
@@ -72,8 +73,6 @@ def served(tmp_path_factory, toy_models, toy_prepared, toy_world):
 
 @pytest.fixture
 def page(served):
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
@@ -99,6 +98,14 @@ def _status(page, expected: str) -> str:
         raise AssertionError(f"the page never said {expected!r}; it says {page.locator('#status').inner_text()!r} "
                              "(screenshot: /tmp/studio_failure.png)") from e
     return page.locator("#status").inner_text()
+
+
+def _fill(field, text: str) -> None:
+    """Types `text` into a field once it is on screen and shows it (an accordion mounts its fields as
+    it opens: a value typed before that is lost)."""
+    field.wait_for(state="visible")
+    field.fill(text)
+    expect(field).to_have_value(text)
 
 
 def _draw(page, frac0, frac1, caption: str) -> None:
@@ -210,11 +217,11 @@ def test_bad_input_is_a_message_in_the_page(page, served, tmp_path):
     assert "cannot read the shot list" in _status(page, "cannot read the shot list")
     # a checkpoint of another model, then a file that is no checkpoint: named, the model kept
     page.get_by_text("model", exact=True).click()
-    page.locator("#ckpt textarea, #ckpt input").first.fill(served["other"])
+    _fill(page.locator("#ckpt textarea, #ckpt input").first, served["other"])
     page.locator("#load-ckpt").click()
     assert "modulation_grid=2 (this run: 8)" in _status(page, "modulation_grid")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    page.locator("#ckpt textarea, #ckpt input").first.fill(str(tmp_path / "junk.ckpt"))
+    _fill(page.locator("#ckpt textarea, #ckpt input").first, str(tmp_path / "junk.ckpt"))
     page.locator("#load-ckpt").click()
     text = _status(page, "junk.ckpt")
     assert text.startswith("Error:") and "Traceback" not in page.content()
