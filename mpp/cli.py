@@ -34,7 +34,7 @@ BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 RUNS = "runs"
 # mpp's callbacks with settings worth tuning, each under its own key of the config
 CALLBACK_KEYS = {"checkpoint": ModelCheckpoint, "best_checkpoint": ModelCheckpoint, "images": ImageLogger,
-                 "throughput": Throughput, "ema": EMA}
+                 "throughput": Throughput, "ema": EMA, "export": ExportSafetensors}
 # where a callback whose dirpath is unset writes: runs/<folder>/stage{N}
 RUN_FOLDERS = {ModelCheckpoint: "checkpoints", PreemptionCheckpoint: "checkpoints", ExportSafetensors: "export",
                LayoutWriter: "generated"}

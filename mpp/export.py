@@ -18,6 +18,8 @@ it acts:
   never learned. Its keys are `mpp_layout_branch.<module>.A/B.weight`, which no plain loader takes
   for a LoRA (diffusers refuses the file, ComfyUI reports each key as not loaded); only
   `load_exported` uses it, as trained.
+- `lora_kohya.safetensors` (optional, `lora_scope: all` only): the same LoRA in the kohya format
+  (`mpp.export_kohya`), for the loaders that read FLUX LoRAs by BFL's module names.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mpp.encoders import EncoderSettings, embedding_dims, parse_dtype
+from mpp.export_kohya import KOHYA_NAME, write_kohya
 from mpp.nn import HeadsConfig, MppFlux, build_backbone
 from mpp.nn.lora import ADAPTER_NAME
 from mpp.sampling import SamplingConfig
@@ -110,11 +113,21 @@ def read_lora(path: str, lora_scope: str) -> dict[str, Tensor]:
     return {_peft_key(k): v for k, v in weights.items()}
 
 
+def check_kohya(kohya: bool, lora_scope: str, flag: str) -> None:
+    """A kohya file is a plain FLUX LoRA: only a LoRA trained on every token (`lora_scope: all`) is one."""
+    if kohya and lora_scope != "all":
+        raise ValueError(f"{flag}: a kohya file is applied to every token by its loaders, and this model's LoRA "
+                         f"(heads.lora_scope: {lora_scope}) was trained only inside mpp's layout branch; "
+                         "train with --model.heads.lora_scope=all for a plain FLUX LoRA")
+
+
 def write_export(dirpath: str, weights: dict[str, Tensor], config: ExportConfig,
-                 lora_metadata: dict | None = None) -> None:
+                 lora_metadata: dict | None = None, *, kohya: bool = False) -> None:
     """Writes an export of the mpp weights `weights` (MppFlux's state-dict names: heads and LoRA, no
     frozen backbone weight) and `config` to `dirpath`; `lora_metadata` (`mpp.nn.lora.lora_metadata`:
-    the adapter's rank and trained alpha) gives the scale folded into the LoRA file."""
+    the adapter's rank and trained alpha) gives the scale folded into the LoRA file. `kohya`: also
+    the LoRA in the kohya format (`mpp.export_kohya`; `lora_scope: all` only)."""
+    check_kohya(kohya, config.heads.lora_scope, "kohya")
     os.makedirs(dirpath, exist_ok=True)
     # peft's saved names: relative to the transformer, without the adapter's name
     lora = {k.removeprefix("backbone.").replace(f".{ADAPTER_NAME}.", "."): v.detach().cpu().contiguous()
@@ -123,6 +136,8 @@ def write_export(dirpath: str, weights: dict[str, Tensor], config: ExportConfig,
     if lora:
         lora, metadata, scale = fold_lora_scale(lora, lora_metadata)
         write_lora(dirpath, lora, config.heads.lora_scope, metadata)
+        if kohya:
+            write_kohya(os.path.join(dirpath, KOHYA_NAME), lora)
     heads = {k: v.detach().cpu().contiguous() for k, v in sorted(weights.items()) if ".lora_" not in k}
     save_file(heads, os.path.join(dirpath, HEADS_NAME), metadata={"stage": str(config.stage)})
     portable = asdict(config)

@@ -6,7 +6,7 @@ import lightning as L
 from mpp.callbacks.ema import averaged
 from mpp.callbacks.final import training_finished
 from mpp.checkpoints import NonFiniteError, nonfinite_tensors
-from mpp.export import ExportConfig, write_export
+from mpp.export import ExportConfig, check_kohya, write_export
 from mpp.nn.lora import lora_metadata
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,16 @@ class ExportSafetensors(L.Callback):
 
     Args:
         dirpath: output folder (unset: runs/export/stage{N}, filled in by mpp's CLI).
+        kohya: also write the LoRA in the kohya format (`lora_kohya.safetensors`; a model with
+            `heads.lora_scope: all` only, checked when the run starts).
     """
 
-    def __init__(self, dirpath: str | None = None):
+    def __init__(self, dirpath: str | None = None, kohya: bool = False):
         self.dirpath = dirpath
+        self.kohya = kohya
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_kohya(self.kohya, pl_module.heads.lora_scope, "--export.kohya")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not training_finished(trainer):
@@ -40,10 +46,10 @@ class ExportSafetensors(L.Callback):
             state = {k: state[k].detach().clone() for k in pl_module.owned_keys() if k in state}
         if not trainer.is_global_zero:
             return
-        export_module(pl_module, state, self.dirpath)
+        export_module(pl_module, state, self.dirpath, kohya=self.kohya)
 
 
-def export_module(pl_module: L.LightningModule, state: dict, dirpath: str) -> None:
+def export_module(pl_module: L.LightningModule, state: dict, dirpath: str, *, kohya: bool = False) -> None:
     """Writes the export of `pl_module` (an MppModule) whose full state dict is `state` to `dirpath`;
     the callback's and `mpp export`'s one path. Non-finite weights are never exported."""
     weights = {k.removeprefix("model."): state[k] for k in pl_module.owned_keys()}  # MppFlux's names
@@ -55,5 +61,5 @@ def export_module(pl_module: L.LightningModule, state: dict, dirpath: str) -> No
     config = ExportConfig(stage=pl_module.stage, backbone=hp.backbone, backbone_subfolder=hp.backbone_subfolder,
                           backbone_dtype=hp.backbone_dtype, heads=pl_module.heads,
                           encoders=pl_module.encoder_settings, guidance=hp.guidance, sampling=pl_module.sampling)
-    write_export(dirpath, weights, config, lora_metadata(pl_module.model.backbone))
+    write_export(dirpath, weights, config, lora_metadata(pl_module.model.backbone), kohya=kohya)
     log.info("exported %s to %s", ", ".join(sorted(os.listdir(dirpath))), dirpath)
