@@ -34,6 +34,7 @@ from mpp.encoders import VAE_CLASS_PATH
 from .codec import PatchCodec
 from .pretrain import pretrain_toy_backbone
 from .scenes import ToyWorld
+from .shipped import MARKER_NAME, SHIPPED_DIR, copy_shipped, read_marker
 from .vision import CLUTTER_PROB, pretrain_vision_encoders
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 5  # 5: the vision encoders see only the world's characters
-MARKER_NAME = "mpp_toy.json"
 FIT_INDEX_OFFSET = 10_000_000  # codec fit scenes: far from any dataset's indices
 MAX_LENGTH = 32
 # id order is fixed: pad=0, unk=1, bos=2, eos=3, then the vocabulary sorted.
@@ -293,13 +293,6 @@ def _marker(world: ToyWorld, seed: int, fit_samples: int, pretrain_steps: int = 
     return marker
 
 
-def _read_marker(path: Path) -> dict | None:
-    try:
-        return json.loads((path / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _name_codec_class(bundle: Path) -> None:
     """A bundle written before the VAE config named its class by import path (how `mpp.encoders`
     finds the codec) gets the name, instead of a rebuild: the weights are the same."""
@@ -321,8 +314,10 @@ def build_toy_models(
     """Build (or reuse) the toy bundle in ``cache_dir`` and return its path.
 
     A no-op when ``cache_dir/mpp_toy.json`` matches the requested parameters (unless
-    ``overwrite``). The bundle is written to a temporary sibling folder and renamed into place, so
-    an interrupted build never leaves a half bundle; concurrent builders (e.g. DDP ranks) are safe:
+    ``overwrite``); a copy of the bundle that ships with mpp (:mod:`mpp.toy.shipped`) when that one
+    was built for them (unless ``overwrite``, which always builds). The bundle is written to a
+    temporary sibling folder and renamed into place, so an interrupted build never leaves a half
+    bundle; concurrent builders (e.g. DDP ranks) are safe:
     the first complete bundle wins and the others discard theirs.
 
     ``pretrain_steps > 0`` trains the random toy transformer as a text-to-image flow model on toy
@@ -336,28 +331,32 @@ def build_toy_models(
     cache_dir = Path(cache_dir).expanduser().absolute()
     world = world if world is not None else ToyWorld(seed=seed)
     marker = _marker(world, seed, fit_samples, pretrain_steps, vision_steps)
-    if not overwrite and _read_marker(cache_dir) == marker:
+    if not overwrite and read_marker(cache_dir) == marker:
         _name_codec_class(cache_dir)
         return cache_dir
 
     from transformers.utils import logging as hf_logging
 
-    log.info("building the toy models in %s, once: encoders and codec, then %d vision and %d backbone "
-             "pretraining steps", cache_dir, vision_steps, pretrain_steps)
     start = time.perf_counter()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" bars, once per model
     try:
-        _build(tmp, world, seed, fit_samples)
-        if vision_steps:
-            _pretrain_vision(tmp, world, seed, vision_steps)
-        if pretrain_steps:
-            _pretrain(tmp, world, seed, pretrain_steps)
+        if not overwrite and copy_shipped(tmp, marker):
+            log.info("toy models: copying the bundle that ships with mpp (%s) to %s (`python -m mpp.toy models "
+                     "%s --overwrite` builds it here instead)", SHIPPED_DIR, cache_dir, cache_dir)
+        else:
+            log.info("building the toy models in %s, once: encoders and codec, then %d vision and %d backbone "
+                     "pretraining steps", cache_dir, vision_steps, pretrain_steps)
+            _build(tmp, world, seed, fit_samples)
+            if vision_steps:
+                _pretrain_vision(tmp, world, seed, vision_steps)
+            if pretrain_steps:
+                _pretrain(tmp, world, seed, pretrain_steps)
         _write_json(tmp / MARKER_NAME, marker)  # last: a bundle with a marker is complete
         if cache_dir.exists():
-            if not overwrite and _read_marker(cache_dir) == marker:
+            if not overwrite and read_marker(cache_dir) == marker:
                 return cache_dir  # another process finished first
             old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
             os.replace(cache_dir, old / "bundle")
@@ -366,7 +365,7 @@ def build_toy_models(
             os.replace(tmp, cache_dir)
         except OSError:
             # lost a race against another builder that renamed its bundle in between
-            if _read_marker(cache_dir) != marker:
+            if read_marker(cache_dir) != marker:
                 raise
         log.info("toy models ready in %s (%.0fs)", cache_dir, time.perf_counter() - start)
     finally:

@@ -34,9 +34,15 @@ def build_toy_bundle(models_dir, *, image_size: int, seed: int, num_identities: 
                      pretrain_steps: int, vision_steps: int) -> ToyWorld:
     """Builds (once) the toy models of the square, fully described world of these characters and
     boxes, as a toy dataset of them is prepared with; returns that world."""
-    world = ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box, max_box=max_box)
+    world = bundle_world(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box,
+                         max_box=max_box)
     build_toy_models(models_dir, world=world, pretrain_steps=pretrain_steps, vision_steps=vision_steps)
     return world
+
+
+def bundle_world(*, image_size: int, seed: int, num_identities: int, min_box: int, max_box: int) -> ToyWorld:
+    """The world a toy bundle is built for: square, every character described."""
+    return ToyWorld(image_size=image_size, seed=seed, num_identities=num_identities, min_box=min_box, max_box=max_box)
 
 
 def prepare_toy(output: str, *, models_dir: str, num_samples: int = 512, seed: int = 0, image_size: int = 128,
@@ -133,6 +139,11 @@ class ToyData:
     describe_prob: float = 1.0
     min_box: int = MIN_BOX
     max_box: int = MAX_BOX
+
+    def bundle_world(self) -> ToyWorld:
+        """The world of this dataset's toy bundle."""
+        return bundle_world(image_size=self.image_size, seed=self.seed, num_identities=self.num_identities,
+                            min_box=self.min_box, max_box=self.max_box)
 
     def prepare(self, root: str, encoders: EncoderSettings) -> None:
         """Builds (or completes) the toy dataset in `root`, encoded with `encoders`."""
