@@ -7,6 +7,7 @@
 #   - else stage 2/3 starts from the previous stage's final.ckpt (an unfinished previous stage is an
 #     error), and stage 1 starts fresh.
 # Exit status: main.py's; 75 means "preempted, checkpoint saved: run me again" (docs/reliability.md).
+# PYTHON: the interpreter to run (default: the python on PATH, e.g. an activated virtualenv's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="$1"; shift
@@ -14,7 +15,7 @@ ckpt=()
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
   ckpt=(--ckpt_path "$1"); shift
 else
-  plan="$(python -m mpp.checkpoints plan "$stage" runs/checkpoints)"
+  plan="$("${PYTHON:-python}" -m mpp.checkpoints plan "$stage" runs/checkpoints)"
   case "$plan" in
     done\ *) echo "stage $stage is finished (${plan#done }); nothing to run" >&2; exit 0 ;;
     resume\ *) echo "stage $stage resumes ${plan#resume }" >&2; ckpt=(--ckpt_path "${plan#resume }") ;;
@@ -23,4 +24,4 @@ else
     *) echo "unexpected plan: $plan" >&2; exit 1 ;;
   esac
 fi
-exec python main.py fit --config "configs/stage$stage.yaml" "${ckpt[@]}" "$@"
+exec "${PYTHON:-python}" main.py fit --config "configs/stage$stage.yaml" "${ckpt[@]}" "$@"

@@ -1,6 +1,7 @@
 import logging
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -110,7 +111,7 @@ def _script_copy(tmp_path):
 
 def _run(tmp_path, script, *args, check=True):
     return subprocess.run(["bash", str(tmp_path / script), *args], capture_output=True, text=True, check=check,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+                          env={**os.environ, "PYTHONPATH": ROOT, "PYTHON": sys.executable})
 
 
 def test_stage_scripts_resume_their_own_stage_and_train_sh_runs_only_unfinished_stages(tmp_path):

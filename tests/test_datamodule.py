@@ -1,10 +1,11 @@
+import json
 import os
 import shutil
 
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mpp.data.buckets import bucket_of
 from mpp.data.layout import read_manifest, sample_path
@@ -161,24 +162,50 @@ def _damaged_copy(toy_prepared, tmp_path, damage_ids):
             os.unlink(sample_path(str(root), "dino", sid))
         elif kind == "shape":
             save_file({"latents": torch.zeros(16, 4, 4, dtype=torch.float16)}, sample_path(str(root), "latents", sid))
+        elif kind == "nan_hidden":  # NaN only where training masks the embedding out (a background instance)
+            caption = json.loads(open(sample_path(str(root), "caption", sid)).read())
+            k = next(k for k, i in enumerate(caption["instances"])
+                     if not i.get("reference") and not i.get("foreground"))
+            clip = load_file(sample_path(str(root), "clip", sid))["embeds"].clone()
+            clip[k] = float("nan")
+            save_file({"embeds": clip}, sample_path(str(root), "clip", sid))
+        elif kind == "str_bbox":
+            path = sample_path(str(root), "caption", sid)
+            caption = json.loads(open(path).read())
+            caption["instances"][0]["bbox"] = ["0.1", "0.1", "0.5", "0.5"]
+            with open(path, "w") as f:
+                json.dump(caption, f)
     return str(root)
+
+
+def _with_background(root: str, records: list[dict]) -> list[str]:
+    """Ids of records with an instance that has neither a reference nor a foreground flag set."""
+    ids = []
+    for r in records:
+        caption = json.loads(open(sample_path(root, "caption", r["id"])).read())
+        if any(not i.get("reference") and not i.get("foreground") for i in caption["instances"]):
+            ids.append(r["id"])
+    return ids
 
 
 def test_bad_records_are_skipped_logged_and_counted(toy_prepared, toy_settings, tmp_path, caplog):
     dm0 = _dm(toy_prepared, toy_settings)
     dm0.setup("fit")
-    ids = [r["id"] for r in dm0.train_records]
-    damage = [(ids[0], "nan"), (ids[1], "missing"), (ids[2], "shape")]
+    background = _with_background(str(toy_prepared), dm0.train_records)
+    ids = [r["id"] for r in dm0.train_records if r["id"] not in background[:1]][:4] + background[:1]
+    damage = [(ids[0], "nan"), (ids[1], "missing"), (ids[2], "shape"), (ids[3], "str_bbox"), (ids[4], "nan_hidden")]
     dm = _dm(_damaged_copy(toy_prepared, tmp_path, damage), toy_settings, max_bad_records=5, batch_size=1)
     dm.setup("fit")
     seen = []
     for batch in dm.train_dataloader():
         seen += dm.on_before_batch_transfer(batch, 0)["ids"]
-    assert set(dm.bad_records) == set(ids[:3])
-    assert not set(seen) & set(ids[:3])
+    assert set(dm.bad_records) == set(ids)
+    assert not set(seen) & set(ids)
     assert "non-finite" in dm.bad_records[ids[0]] and "No such file" in dm.bad_records[ids[1]]
     assert "manifest says" in dm.bad_records[ids[2]]
-    assert all(sid in caplog.text for sid in ids[:3])
+    assert "instance 0 bbox must be 4 numbers, got ['0.1'" in dm.bad_records[ids[3]]
+    assert dm.bad_records[ids[4]] == "ValueError: clip_embeds holds non-finite values"
+    assert all(sid in caplog.text for sid in ids)
 
 
 def test_too_many_bad_records_stop_the_run_with_the_list(toy_prepared, toy_settings, tmp_path):

@@ -272,3 +272,13 @@ def test_cli_runs_and_merges(toy_raw, toy_settings, tmp_path):
                           "--num_shards=2", f"--shard_index={i}", "--progress=false", *enc])
     prepare_mod.main(["merge", out])
     assert [r["id"] for r in read_manifest(os.path.join(out, "manifest.jsonl"))] == ids
+
+
+def test_two_workers_skip_and_name_bad_samples_as_one_process_does(toy_raw, toy_settings, tmp_path):
+    raw, ids = _copy_raw(toy_raw, tmp_path, n=4)
+    (raw / "images" / f"{ids[1]}.png").write_bytes(b"not a png")
+    _edit_caption(raw, ids[2], lambda d: d["instances"][0].update(bbox=[10, 10, 10, 40]))
+    results = [prepare_dataset(str(raw), str(tmp_path / f"out{n}"), encoders=toy_settings, resolution=TOY_SIZE,
+                               progress=False, num_workers=n) for n in (0, 2)]
+    assert [i for i, _ in results[1].errors] == [ids[1], ids[2]] and sorted(results[1].written) == [ids[0], ids[3]]
+    assert results[1].errors == results[0].errors  # the same messages, naming the files

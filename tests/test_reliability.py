@@ -351,7 +351,7 @@ def _project(tmp_path, toy_models, toy_prepared):
 @pytest.mark.slow
 def test_train_sh_killed_in_stage_1_resumes_it_then_runs_stages_2_and_3(tmp_path, toy_models, toy_prepared):
     args = _project(tmp_path, toy_models, toy_prepared)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
 
     def train(*extra):
         return subprocess.run(["bash", str(tmp_path / "train.sh"), *args, *extra], cwd=tmp_path, env=env, timeout=900,

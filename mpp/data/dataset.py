@@ -59,6 +59,11 @@ class PreparedDataset(Dataset):
         dino = read_tensors(sample_path(self.root, "dino", sid))["embeds"]
         text = read_tensors(sample_path(self.root, "text", sid))
         n = record["num_instances"]
+        for k, inst in enumerate(caption["instances"]):
+            bbox = inst["bbox"]
+            if not (isinstance(bbox, list) and len(bbox) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+                raise ValueError(f"instance {k} bbox must be 4 numbers, got {bbox!r}")
         boxes = torch.tensor([inst["bbox"] for inst in caption["instances"]], dtype=torch.float32).reshape(-1, 4)
         fg = instance_roles(caption["instances"])
         sample = {
@@ -88,11 +93,13 @@ def validate_sample(sample: dict, *, n: int, latent_shape: list[int], shapes: di
                     dtype: torch.dtype | None = None) -> None:
     """Raises ValueError naming what disagrees: dtypes (floating point; `dtype` when given), shapes
     versus N, the latent grid and the model's widths (`shapes`), boxes outside [0, 1] or without
-    area. Finiteness is checked per batch by `collate`."""
+    area, non-finite values (before any masking hides them: a damaged record is named, never trained on)."""
     for key, value in sample.items():
         if isinstance(value, Tensor) and key not in ("boxes", "foreground") and (
                 not value.is_floating_point() or (dtype is not None and value.dtype != dtype)):
             raise ValueError(f"{key} is {value.dtype}, the dataset stores {dtype or 'floating point'}")
+        if isinstance(value, Tensor) and value.is_floating_point() and not _all_finite([value]):
+            raise ValueError(f"{key} holds non-finite values")
     for key, shape in (shapes or {}).items():
         got = tuple(sample[key].shape[1:] if key in _PADDED else sample[key].shape)
         if got != tuple(shape):

@@ -28,8 +28,11 @@ class SampleError(ValueError):
     """A bad input sample. The message names the file and what is wrong with it."""
 
     def __init__(self, sample_id: str, message: str):
-        super().__init__(message)
-        self.sample_id = sample_id
+        super().__init__(sample_id, message)
+        self.sample_id, self.message = sample_id, message
+
+    def __str__(self) -> str:  # args hold both, so that the error pickles (to and from DataLoader workers)
+        return self.message
 
 
 @dataclass
