@@ -6,9 +6,14 @@ Exits 75 when the run was preempted and saved runs/checkpoints/stageN/preempted.
 
 import sys
 
+from mpp.__main__ import run_command
 from mpp.callbacks.preemption import exit_code
 from mpp.cli import main
 
+
+def run(argv: list[str]) -> int:
+    return exit_code(getattr(main(argv), "trainer", None))
+
+
 if __name__ == "__main__":
-    cli = main()
-    sys.exit(exit_code(getattr(cli, "trainer", None)))
+    sys.exit(run_command(run, sys.argv[1:]))

@@ -18,13 +18,17 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__",
          "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params", "annotate": "mpp.annotate.__main__",
          "synth": "mpp.synth", "import": "mpp.importers", "studio": "mpp.studio.__main__",
          "export": "mpp.export_cli"}
 TRAINING = ("fit", "validate", "test", "predict")
+USER_ERROR_EXIT = 2  # bad input, flag or file: fix it and run again (rerunning unchanged fails the same way)
+DEBUG_ENV = "MPP_DEBUG"  # set (to anything) to see the traceback of a user error
 
 
 def main(argv: list[str] | None = None):
@@ -41,5 +45,25 @@ def main(argv: list[str] | None = None):
     return 0 if command in ("-h", "--help") else 2
 
 
+def run_command(command: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Runs `command` as a process does: a user error (a ValueError naming the flag, file or sample,
+    a refused checkpoint) ends in one clear block on stderr and exit status USER_ERROR_EXIT, without
+    a traceback unless DEBUG_ENV is set; anything else propagates (a bug: its traceback is the report)."""
+    refused = importlib.import_module("mpp.checkpoints").NonFiniteError  # lazily, as the commands are
+    try:
+        result = command(argv)
+    except (ValueError, FileNotFoundError, refused) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"mpp: error: {e}\n(set {DEBUG_ENV}=1 to see where it was raised)", file=sys.stderr)
+        return USER_ERROR_EXIT
+    return result if isinstance(result, int) else 0
+
+
+def console() -> int:
+    """The `mpp` console script."""
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console())

@@ -1,8 +1,13 @@
 """The `mpp` entry point dispatches to each tool with the rest of the command line."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from mpp.__main__ import main
+from mpp.__main__ import DEBUG_ENV, USER_ERROR_EXIT, main
+from tests.helpers import ROOT, fit_args
 
 
 @pytest.mark.parametrize("tool", ["prepare", "generate", "evaluate", "toy", "fit", "validate", "predict",
@@ -29,3 +34,29 @@ def test_each_tools_help_names_itself_and_its_pass_through(tool, says, capsys):
     with pytest.raises(SystemExit):
         main([tool, "--help"])
     assert says in capsys.readouterr().out.replace("\n", " ")
+
+
+def _process(tmp_path, *command, debug=False):
+    env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV} | ({DEBUG_ENV: "1"} if debug else {})
+    return subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": ROOT})
+
+
+def test_a_user_error_is_one_block_without_a_traceback_and_exit_2(tmp_path):
+    args = ["export", "--config", os.path.join(ROOT, "configs/stage1.yaml"), "--ckpt_path", "nowhere.ckpt",
+            "--out", "x"]
+    run = _process(tmp_path, "-m", "mpp", *args)
+    assert run.returncode == USER_ERROR_EXIT == 2
+    assert run.stderr.splitlines()[-2:] == ["mpp: error: --ckpt_path 'nowhere.ckpt' is not a file",
+                                            f"(set {DEBUG_ENV}=1 to see where it was raised)"]
+    assert "Traceback" not in run.stderr
+    debug = _process(tmp_path, "-m", "mpp", *args, debug=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "is not a file" in debug.stderr
+
+
+def test_main_py_ends_a_user_error_the_same_way(tmp_path, toy_models, toy_prepared):
+    run = _process(tmp_path, os.path.join(ROOT, "main.py"), *fit_args(1, toy_models, toy_prepared),
+                   "--ckpt_path", str(tmp_path / "nowhere.ckpt"))
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-2].startswith("mpp: error: ") and str(tmp_path / "nowhere.ckpt") in run.stderr
+    assert "Traceback" not in run.stderr
