@@ -75,17 +75,22 @@ def load_checkpoint(path: str, *, mmap: bool = False) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
-def _unloadable(ckpt: Any) -> str | None:
-    """Why a loaded checkpoint must not be resumed from, or None."""
+def _unloadable(ckpt: Any, stage: int | None = None) -> str | None:
+    """Why a loaded checkpoint must not be resumed from (by a run of `stage`, when given), or None."""
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a training checkpoint (no state_dict/global_step)"
-    recorded = (ckpt.get("mpp") or {}).get("keys")
-    missing = sorted(set(recorded or ()) - set(ckpt["state_dict"]))
+    info = ckpt.get("mpp")
+    if not isinstance(info, dict):
+        return "not an mpp checkpoint (no 'mpp' entry)"
+    if stage is not None and info.get("stage") != stage:
+        return f"a stage-{info.get('stage')} checkpoint, not one of stage {stage}"
+    missing = sorted(set(info.get("keys") or ()) - set(ckpt["state_dict"]))
     if missing:
         return f"lacks {len(missing)} of the weights it trained, e.g. {missing[:3]}"
-    bad = list(nonfinite_tensors(ckpt["state_dict"]))
+    bad = [*nonfinite_tensors(ckpt["state_dict"], "state_dict"),
+           *nonfinite_tensors(ckpt.get("optimizer_states", []), "optimizer_states")]
     if bad:
-        return f"{len(bad)} weights hold non-finite values, e.g. {bad[:3]}"
+        return f"{len(bad)} tensors hold non-finite values, e.g. {bad[:3]}"
     return None
 
 
@@ -97,14 +102,21 @@ def _read(path: str) -> dict | None:
         return None
 
 
-def is_loadable(path: str) -> bool:
+def is_loadable(path: str, stage: int | None = None) -> bool:
+    """Whether a run (of `stage`, when given) can resume from the checkpoint at `path`; logs why not."""
     ckpt = _read(path)
     if ckpt is None:
         return False
-    reason = _unloadable(ckpt)
+    reason = _unloadable(ckpt, stage)
     if reason:
         log.warning("skipping %s: %s", path, reason)
     return reason is None
+
+
+def _outside(path: str, folder: str) -> str | None:
+    """Where `path` really is, when a link takes it out of `folder`."""
+    real = os.path.realpath(path)
+    return real if os.path.dirname(real) != os.path.realpath(folder) else None
 
 
 def position(ckpt: dict) -> tuple[int, int]:
@@ -112,12 +124,16 @@ def position(ckpt: dict) -> tuple[int, int]:
     return int(ckpt["global_step"]), int((ckpt.get("mpp") or {}).get("micro_step", 0))
 
 
-def latest_checkpoint(folder: str) -> str | None:
-    """The loadable checkpoint directly in `folder` (not its subfolders) with the highest training
-    position, or None. Ties go to the alphabetically last name (all hold the same state)."""
+def latest_checkpoint(folder: str, stage: int | None = None) -> str | None:
+    """The checkpoint directly in `folder` (not its subfolders, nor a link out of it) with the highest
+    training position that a run (of `stage`, when given) can resume from, or None. Ties go to the
+    alphabetically last name (all hold the same state). What it skips, it names (warnings)."""
     found = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.ckpt"))):
         if not os.path.isfile(path):
+            continue
+        if (real := _outside(path, folder)) is not None:
+            log.warning("skipping %s: a link to %s, outside %s", path, real, folder)
             continue
         ckpt = _read(path)
         if ckpt is None:
@@ -128,15 +144,20 @@ def latest_checkpoint(folder: str) -> str | None:
         found.append((position(ckpt), path))
         del ckpt
     for _, path in sorted(found, reverse=True):
-        if is_loadable(path):
+        if is_loadable(path, stage):
             return path
     return None
 
 
-def final_checkpoint(folder: str) -> str | None:
-    """`folder`/final.ckpt when it is loadable: the stage finished."""
+def final_checkpoint(folder: str, stage: int | None = None) -> str | None:
+    """`folder`/final.ckpt when it is loadable (by a run of `stage`, when given): the stage finished."""
     path = os.path.join(folder, FINAL)
-    return path if os.path.isfile(path) and is_loadable(path) else None
+    if not os.path.isfile(path):
+        return None
+    if (real := _outside(path, folder)) is not None:
+        log.warning("skipping %s: a link to %s, outside %s", path, real, folder)
+        return None
+    return path if is_loadable(path, stage) else None
 
 
 def plan(stage: int, root: str) -> tuple[str, str | None]:
@@ -150,14 +171,14 @@ def plan(stage: int, root: str) -> tuple[str, str | None]:
     Raises ValueError when the previous stage has not finished.
     """
     own = os.path.join(root, f"stage{stage}")
-    if (final := final_checkpoint(own)) is not None:
+    if (final := final_checkpoint(own, stage)) is not None:
         return "done", final
-    if (latest := latest_checkpoint(own)) is not None:
+    if (latest := latest_checkpoint(own, stage)) is not None:
         return "resume", latest
     if stage == 1:
         return "fresh", None
     prev = os.path.join(root, f"stage{stage - 1}")
-    if (final := final_checkpoint(prev)) is not None:
+    if (final := final_checkpoint(prev, stage - 1)) is not None:
         return "start", final
     raise ValueError(f"stage {stage - 1} has not finished ({prev} holds no loadable {FINAL}): "
                      f"run ./train_stage{stage - 1}.sh first, or pass a checkpoint to start from")

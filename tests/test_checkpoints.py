@@ -145,3 +145,30 @@ def test_remove_temporaries_leaves_checkpoints(tmp_path):
     (tmp_path / ".tmp-abc123step=2.ckpt").write_bytes(b"partial")
     assert remove_temporaries(str(tmp_path)) == [str(tmp_path / ".tmp-abc123step=2.ckpt")]
     assert os.listdir(tmp_path) == ["step=1.ckpt"]
+
+
+def test_discovery_skips_and_names_what_its_stage_cannot_resume(tmp_path, caplog):
+    """A NaN optimizer state, another stage's checkpoint, a file with no mpp entry and a link out of
+    the folder, each at a higher step than the good one: plan resumes the good one and names the rest."""
+    own = tmp_path / "runs/checkpoints/stage1"
+    _write(own / "step=0000002.ckpt", 2)
+    nan_adam = _ckpt(9)
+    nan_adam["optimizer_states"] = [{"state": {0: {"exp_avg_sq": torch.tensor([float("nan"), 1.0])}}}]
+    torch.save(nan_adam, own / "step=0000009.ckpt")
+    _write(own / "preempted.ckpt", 8, stage=2)
+    no_mpp = _ckpt(7)
+    del no_mpp["mpp"]
+    torch.save(no_mpp, own / "step=0000007.ckpt")
+    _write(tmp_path / "elsewhere/step=0000006.ckpt", 6)
+    os.symlink(tmp_path / "elsewhere/step=0000006.ckpt", own / "step=0000006.ckpt")
+    with caplog.at_level(logging.WARNING):
+        assert plan(1, str(tmp_path / "runs/checkpoints")) == ("resume", str(own / "step=0000002.ckpt"))
+    said = caplog.text
+    assert "step=0000009.ckpt: 1 tensors hold non-finite values, e.g. ['optimizer_states.0.state.0.exp_avg_sq']" in said
+    assert "preempted.ckpt: a stage-2 checkpoint, not one of stage 1" in said
+    assert "step=0000007.ckpt: not an mpp checkpoint (no 'mpp' entry)" in said
+    assert f"step=0000006.ckpt: a link to {tmp_path / 'elsewhere/step=0000006.ckpt'}, outside {own}" in said
+    # a stage-1 final.ckpt found in stage 2's folder does not make stage 2 done
+    _write(tmp_path / "runs/checkpoints/stage2/final.ckpt", 3, stage=1)
+    _write(own / "final.ckpt", 3)
+    assert plan(2, str(tmp_path / "runs/checkpoints")) == ("start", str(own / "final.ckpt"))
