@@ -16,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
 from mpp.__main__ import main as mpp_main
@@ -109,15 +110,24 @@ def _fill(field, text: str) -> None:
 
 
 def _draw(page, frac0, frac1, caption: str) -> None:
-    """Drags a box on the canvas from one fraction of its size to another, then types its caption."""
-    canvas = page.locator("#canvas canvas").bounding_box()
-    x0, y0 = canvas["x"] + frac0[0] * canvas["width"], canvas["y"] + frac0[1] * canvas["height"]
-    x1, y1 = canvas["x"] + frac1[0] * canvas["width"], canvas["y"] + frac1[1] * canvas["height"]
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(x1, y1, steps=10)
-    page.mouse.up()
+    """Drags a box on the canvas from one fraction of its size to another, then types its caption.
+    The canvas takes a new frame's image after the status line reports it; a drag before the image
+    is in draws nothing, so one with no caption dialog after 10 s is dragged again (twice at most)."""
     label = page.get_by_role("listbox", name="Label")
+    for attempt in range(3):
+        canvas = page.locator("#canvas canvas").bounding_box()
+        x0, y0 = canvas["x"] + frac0[0] * canvas["width"], canvas["y"] + frac0[1] * canvas["height"]
+        x1, y1 = canvas["x"] + frac1[0] * canvas["width"], canvas["y"] + frac1[1] * canvas["height"]
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x1, y1, steps=10)
+        page.mouse.up()
+        try:
+            label.wait_for(timeout=10_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
     label.fill(caption)
     page.get_by_role("button", name="OK").click()
     label.wait_for(state="hidden")
