@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -27,6 +28,7 @@ from mpp.callbacks import (
 from mpp.checkpoints import load_checkpoint
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
+from mpp.run_lock import RunLock
 from mpp.stage_end import finish_saved_stage
 
 log = logging.getLogger(__name__)
@@ -208,17 +210,19 @@ class MppCLI(LightningCLI):
             self.config_init["fit"]["ckpt_path"] = None
 
     def fit(self, **kwargs) -> None:
-        """`trainer.fit`; a run that fails before its first optimizer step leaves no log folder behind. A
-        resume from the stage's last step finishes the stage instead (`mpp.stage_end`)."""
+        """`trainer.fit`, holding the checkpoint folder (`mpp.run_lock`: a second run on it is refused); a
+        run that fails before its first optimizer step leaves no log folder behind. A resume from the
+        stage's last step finishes the stage instead (`mpp.stage_end`)."""
         log_dir = getattr(self.trainer.logger, "log_dir", None)
         fresh = log_dir is not None and not os.path.exists(log_dir)
         checkpoints = self.trainer.checkpoint_callback
         log.info("stage %d: logs in %s, checkpoints in %s", self.model.stage,
                  log_dir and os.path.abspath(log_dir), checkpoints and checkpoints.dirpath)
         try:
-            if finish_saved_stage(self.trainer, self.model, kwargs.get("ckpt_path")):
-                return
-            self.trainer.fit(**kwargs)
+            with RunLock(checkpoints.dirpath, self.trainer.global_rank) if checkpoints else nullcontext():
+                if finish_saved_stage(self.trainer, self.model, kwargs.get("ckpt_path")):
+                    return
+                self.trainer.fit(**kwargs)
         except BaseException:
             if fresh and self.trainer.global_step == 0 and self.trainer.is_global_zero:
                 shutil.rmtree(log_dir, ignore_errors=True)
