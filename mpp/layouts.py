@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from mpp.data.buckets import UNIT
-from mpp.data.raw import read_image, to_tensor
+from mpp.data.raw import SampleError, check_regular_file, read_image, to_tensor
 from mpp.encoders import Encoders, crop_boxes
 from mpp.filenames import is_safe_stem, safe_stem
 from mpp.viz import draw_boxes
@@ -151,6 +151,10 @@ def read_layouts(path: str, *, resolution: int) -> tuple[list[Layout], list[str]
     already has is a bad line."""
     layouts, errors, first = [], [], {}
     root = os.path.dirname(os.path.abspath(path))
+    try:
+        check_regular_file(path, "layouts")
+    except SampleError as e:
+        raise ValueError(str(e)) from e
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():

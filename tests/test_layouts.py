@@ -1,8 +1,10 @@
 """The layouts JSONL: what a line must hold, and how a bad one is reported."""
 
 import json
+import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mpp.layouts import read_layouts
@@ -54,3 +56,16 @@ def test_a_line_gives_its_own_size_and_its_pixel_boxes_follow_it(tmp_path):
     assert errors[1].startswith(f"{path}:4:") and "'width' and 'height' must both be given" in errors[1]
     assert errors[2].startswith(f"{path}:5:") and "whole pixels" in errors[2]
     assert errors[3].startswith(f"{path}:6:") and "outside the 176×96 image" in errors[3]
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_reference_or_layouts_file_is_a_named_error_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "ref.png")  # opening it would block until someone writes
+    line = {"id": "a", "prompt": "x", "instances": [{"bbox": [0.1, 0.1, 0.5, 0.5], "reference": "ref.png"}]}
+    (tmp_path / "layouts.jsonl").write_text(json.dumps(line) + "\n")
+    layouts, errors = read_layouts(str(tmp_path / "layouts.jsonl"), resolution=128)
+    assert not layouts and errors == [f"{tmp_path / 'layouts.jsonl'}:1: {tmp_path / 'ref.png'}: not a regular file "
+                                      "(a FIFO, device, socket or folder)"]
+    os.mkfifo(tmp_path / "piped.jsonl")
+    with pytest.raises(ValueError, match="piped.jsonl: not a regular file"):
+        read_layouts(str(tmp_path / "piped.jsonl"), resolution=128)

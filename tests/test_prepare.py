@@ -282,3 +282,13 @@ def test_two_workers_skip_and_name_bad_samples_as_one_process_does(toy_raw, toy_
                                progress=False, num_workers=n) for n in (0, 2)]
     assert [i for i, _ in results[1].errors] == [ids[1], ids[2]] and sorted(results[1].written) == [ids[0], ids[3]]
     assert results[1].errors == results[0].errors  # the same messages, naming the files
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_in_place_of_an_image_is_named_not_read(toy_raw, toy_settings, tmp_path):
+    def damage(raw, sid):
+        (raw / "images" / f"{sid}.png").unlink()
+        os.mkfifo(raw / "images" / f"{sid}.png")  # reading it would block for ever
+
+    msg, raw, bad = _bad_case(toy_raw, toy_settings, tmp_path, damage)
+    assert msg == f"{raw / 'images' / f'{bad}.png'}: not a regular file (a FIFO, device, socket or folder)"

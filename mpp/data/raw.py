@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,7 +105,24 @@ def raw_sample_done(root: str, sample_id: str) -> bool:
     return os.path.isfile(os.path.join(root, "captions", f"{sample_id}.json"))
 
 
+MAX_FILE_BYTES = 512 * 2**20  # an image or caption file larger than this is refused, not read
+
+
+def check_regular_file(path: str, sample_id: str, limit: int = MAX_FILE_BYTES) -> None:
+    """Raises SampleError unless `path` is a regular file (following links) of at most `limit` bytes:
+    opening a FIFO or a device would block or never end, and a huge file would fill the memory."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SampleError(sample_id, f"{path}: cannot be read ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise SampleError(sample_id, f"{path}: not a regular file (a FIFO, device, socket or folder)")
+    if st.st_size > limit:
+        raise SampleError(sample_id, f"{path}: {st.st_size} bytes, more than the {limit} an input may have")
+
+
 def read_image(path: str, sample_id: str) -> Image.Image:
+    check_regular_file(path, sample_id)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -120,6 +138,7 @@ def to_tensor(image: Image.Image) -> Tensor:
 def _read_caption(path: str, sample_id: str) -> dict:
     if not os.path.exists(path):
         raise SampleError(sample_id, f"{path}: missing caption file for sample {sample_id!r}")
+    check_regular_file(path, sample_id)
     try:
         with open(path, encoding="utf-8") as f:  # JSON is UTF-8
             data = json.load(f)
