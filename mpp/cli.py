@@ -26,6 +26,7 @@ from mpp.callbacks import (
     Throughput,
 )
 from mpp.checkpoints import load_checkpoint
+from mpp.data.workers import end_workers
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
 from mpp.run_lock import RunLock
@@ -224,6 +225,9 @@ class MppCLI(LightningCLI):
                     return
                 self.trainer.fit(**kwargs)
         except BaseException:
+            ended = end_workers()
+            if ended:
+                log.info("stopped: ended %d DataLoader workers", len(ended))
             if fresh and self.trainer.global_step == 0 and self.trainer.is_global_zero:
                 shutil.rmtree(log_dir, ignore_errors=True)
             raise

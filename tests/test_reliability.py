@@ -74,6 +74,19 @@ def test_a_non_finite_validation_loss_stops_the_run_before_anything_is_ranked_by
     assert all(_all_finite(p) for p in saved)
 
 
+def test_a_non_finite_validation_loss_with_dataloader_workers_ends_the_process(tmp_path, toy_models, toy_prepared):
+    """With 2 DataLoader workers (which ignore SIGTERM) the process used to print the error and then
+    wait for ever at exit for the workers, that the traceback kept alive."""
+    args = fit_args(1, toy_models, toy_prepared, "--trainer.callbacks+=tests.helpers.PoisonBeforeValidation",
+                    "--data.num_workers=2")
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "validation val/loss is nan after global step 2" in run.stderr.splitlines()[-2]
+    assert time.monotonic() - start < 60
+
+
 def _trainable(path, keys):
     state = load_checkpoint(path)["state_dict"]
     return {k: state[k] for k in keys}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import signal
 import sys
 
@@ -26,3 +27,17 @@ def worker_init(worker_id: int) -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def end_workers(timeout: float = 5.0) -> list[int]:
+    """Kills this process's DataLoader workers (its daemonic multiprocessing children) and returns
+    their PIDs. For a run that stops on an error: the traceback keeps the DataLoader iterators, and
+    with them their workers, alive until the interpreter exits, where multiprocessing SIGTERMs its
+    daemonic children and waits for them, which ignore SIGTERM (above): for ever."""
+    ended = []
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout)
+            ended.append(child.pid)
+    return ended
