@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -71,8 +72,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def load_checkpoint(path: str, *, mmap: bool = False) -> dict:
-    """A checkpoint on the CPU; ``mmap`` maps the tensors instead of reading them (cheap key checks)."""
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    """A checkpoint on the CPU; ``mmap`` maps the tensors instead of reading them (cheap key checks).
+    A file that exists but is no readable checkpoint (truncated, another format) is a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                         ) from e
 
 
 def _unloadable(ckpt: Any, stage: int | None = None) -> str | None:

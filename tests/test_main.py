@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mpp.__main__ import DEBUG_ENV, USER_ERROR_EXIT, main
 from tests.helpers import ROOT, fit_args
@@ -54,9 +55,12 @@ def test_a_user_error_is_one_block_without_a_traceback_and_exit_2(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "is not a file" in debug.stderr
 
 
-def test_main_py_ends_a_user_error_the_same_way(tmp_path, toy_models, toy_prepared):
+def test_main_py_ends_a_user_error_the_same_way_naming_a_corrupt_checkpoint(tmp_path, toy_models, toy_prepared):
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, tmp_path / "whole.ckpt")
+    data = (tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])  # a copy cut short
     run = _process(tmp_path, os.path.join(ROOT, "main.py"), *fit_args(1, toy_models, toy_prepared),
-                   "--ckpt_path", str(tmp_path / "nowhere.ckpt"))
+                   "--ckpt_path", str(tmp_path / "cut.ckpt"))
     assert run.returncode == 2, run.stderr[-2000:]
-    assert run.stderr.splitlines()[-2].startswith("mpp: error: ") and str(tmp_path / "nowhere.ckpt") in run.stderr
+    assert run.stderr.splitlines()[-2].startswith(f"mpp: error: {tmp_path / 'cut.ckpt'}: not a readable checkpoint (")
     assert "Traceback" not in run.stderr
