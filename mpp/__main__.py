@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None):
 
 def run_command(command: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Runs `command` as a process does: a user error (a ValueError naming the flag, file or sample,
-    a refused checkpoint) ends in one clear block on stderr and exit status USER_ERROR_EXIT, without
+    a refused checkpoint, a full disk) ends in one clear block on stderr and exit status USER_ERROR_EXIT, without
     a traceback unless DEBUG_ENV is set; anything else propagates (a bug: its traceback is the report)."""
     refused = importlib.import_module("mpp.checkpoints").NonFiniteError  # lazily, as the commands are
+    disk_full = importlib.import_module("mpp.data.layout").DiskFullError
     try:
         result = command(argv)
-    except (ValueError, FileNotFoundError, refused) as e:
+    except (ValueError, FileNotFoundError, refused, disk_full) as e:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"mpp: error: {e}\n(set {DEBUG_ENV}=1 to see where it was raised)", file=sys.stderr)

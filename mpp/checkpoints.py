@@ -49,6 +49,17 @@ def nonfinite_tensors(obj: Any, prefix: str = "") -> Iterator[str]:
             yield from nonfinite_tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a nested dict/list: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def check_finite(checkpoint: dict, what: str) -> None:
     """Raises NonFiniteError naming the tensors of the weights or optimizer state that are not finite."""
     bad = [*nonfinite_tensors(checkpoint.get("state_dict", {}), "state_dict"),
@@ -68,7 +79,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         check_finite(checkpoint, str(path))
         if get_filesystem(path).protocol not in ("file", ("file", "local")):
             return super().save_checkpoint(checkpoint, path)
-        atomic_write(str(path), lambda f: torch.save(checkpoint, f))
+        atomic_write(str(path), lambda f: torch.save(checkpoint, f), size_hint=_tensor_bytes(checkpoint))
 
 
 def load_checkpoint(path: str, *, mmap: bool = False) -> dict:

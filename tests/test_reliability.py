@@ -87,6 +87,25 @@ def test_a_non_finite_validation_loss_with_dataloader_workers_ends_the_process(t
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a 30 MB tmpfs (root only; .ci/run runs as root)")
+def test_a_full_disk_is_one_line_naming_the_checkpoint_folder_and_the_bytes(tmp_path, toy_models, toy_prepared):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], check=True)
+    try:
+        args = fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=40", f"--checkpoint.dirpath={disk}",
+                        "--images.every_n_steps=1000")
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+        assert run.returncode == 2, run.stderr[-3000:]
+        line = run.stderr.splitlines()[-2]
+        assert re.fullmatch(rf"mpp: error: no space left in {disk} writing step=\d+\.ckpt \(about \d+ bytes "
+                            r"needed, \d+ free\)", line), line
+        assert "Traceback" not in run.stderr and not [p for p in os.listdir(disk) if p.startswith(".tmp-")]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def _trainable(path, keys):
     state = load_checkpoint(path)["state_dict"]
     return {k: state[k] for k in keys}

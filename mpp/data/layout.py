@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -54,8 +56,28 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str, write) -> None:
-    """Calls write(file object) on a temporary file beside `path`, fsyncs, then renames it over `path`."""
+class DiskFullError(OSError):
+    """A write found no space left on its device; the message names the folder and the bytes."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised from is ENOSPC (torch's zip writer reports a full
+    disk as "unexpected pos", with the OSError only as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def atomic_write(path: str, write, *, size_hint: int | None = None) -> None:
+    """Calls write(file object) on a temporary file beside `path`, fsyncs, then renames it over `path`.
+    A full disk is a DiskFullError naming the folder, the space free and (`size_hint`) the bytes needed."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -65,9 +87,13 @@ def atomic_write(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _no_space(e):
+            need = f"about {size_hint} bytes needed, " if size_hint else ""
+            raise DiskFullError(errno.ENOSPC, f"no space left in {os.path.abspath(folder)} writing "
+                                f"{os.path.basename(path)} ({need}{shutil.disk_usage(folder).free} free)") from e
         raise
 
 
