@@ -143,7 +143,8 @@ def write_sample(output: str, s: RawSample, tensors: dict, dtype: torch.dtype) -
     files = {"image": png.getvalue(), "caption": json.dumps(caption, indent=1).encode()}
     files.update({kind: tensors_to_bytes(group, dtype) for kind, group in tensors.items()})
     for kind, data in files.items():
-        atomic_write(sample_path(output, kind, s.id), lambda f, d=data: f.write(d))
+        # a fixed temporary: the rerun of a sample whose write was killed takes over what it left
+        atomic_write(sample_path(output, kind, s.id), lambda f, d=data: f.write(d), fixed_temporary=True)
     return {
         "id": s.id,
         "width": s.image.shape[2], "height": s.image.shape[1],

@@ -106,6 +106,9 @@ def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch)
             torch_file = sample_path(output, "latents", s.id)
             os.makedirs(os.path.dirname(torch_file), exist_ok=True)
             open(torch_file, "wb").write(b"partial")
+            dino = sample_path(output, "dino", s.id)  # and the temporary of the write a SIGKILL cut short
+            os.makedirs(os.path.dirname(dino), exist_ok=True)
+            open(os.path.join(os.path.dirname(dino), f".tmp-{os.path.basename(dino)}"), "wb").write(b"x" * 328)
             raise KeyboardInterrupt
         return real_write(output, s, tensors, dtype)
 
@@ -120,6 +123,7 @@ def test_resume_after_interruption(toy_raw, toy_settings, tmp_path, monkeypatch)
     result = prepare_dataset(str(raw), out, encoders=toy_settings, resolution=TOY_SIZE, progress=False)
     assert result.skipped == ids[1:3]
     assert sorted(result.written) == sorted([ids[0]] + ids[3:])
+    assert not [f for _, _, files in os.walk(out) for f in files if f.startswith(".tmp-")]
 
     clean = str(tmp_path / "clean")
     prepare_dataset(str(raw), clean, encoders=toy_settings, resolution=TOY_SIZE, progress=False)

@@ -75,12 +75,18 @@ def _no_space(e: BaseException | None) -> bool:
     return False
 
 
-def atomic_write(path: str, write, *, size_hint: int | None = None) -> None:
+def atomic_write(path: str, write, *, size_hint: int | None = None, fixed_temporary: bool = False) -> None:
     """Calls write(file object) on a temporary file beside `path`, fsyncs, then renames it over `path`.
-    A full disk is a DiskFullError naming the folder, the space free and (`size_hint`) the bytes needed."""
+    A full disk is a DiskFullError naming the folder, the space free and (`size_hint`) the bytes needed.
+    `fixed_temporary`: the temporary is `.tmp-<name>`, not a unique name, so the next write of the same
+    file takes over what a killed one left (for a writer that alone writes `path`, as a shard its samples)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    if fixed_temporary:
+        tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
