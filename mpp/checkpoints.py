@@ -28,6 +28,7 @@ from mpp.data.layout import atomic_write
 
 log = logging.getLogger(__name__)
 
+PREEMPTED = "preempted.ckpt"  # written on a scheduler's notice (mpp.callbacks.preemption); removed at the final
 FINAL = "final.ckpt"  # written when a stage reaches its max_steps: the stage is finished
 TEMPORARY_PREFIX = ".tmp-"  # mpp.data.layout.atomic_write's temporaries
 

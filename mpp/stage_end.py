@@ -16,6 +16,7 @@ import lightning as L
 
 from mpp.callbacks.ema import EMA, ema_weights
 from mpp.callbacks.export import ExportSafetensors, export_module
+from mpp.callbacks.final import remove_preempted
 from mpp.checkpoints import FINAL, load_checkpoint
 from mpp.data.layout import atomic_write
 
@@ -41,6 +42,7 @@ def finish_saved_stage(trainer: L.Trainer, module: L.LightningModule, ckpt_path:
             with open(ckpt_path, "rb") as src:
                 atomic_write(final, lambda f: _copy(src, f))
             log.info("stage finished at step %d: %s", ckpt["global_step"], final)
+        remove_preempted(folder)
     for export in (c for c in trainer.callbacks if isinstance(c, ExportSafetensors)):
         module.configure_model()  # the weights as `mpp export` loads them
         module.check_shapes(ckpt["state_dict"], ckpt.get("hyper_parameters"), ckpt_path)

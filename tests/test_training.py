@@ -215,6 +215,13 @@ def test_preemption_saves_a_checkpoint_and_stops(in_tmp, toy_models, toy_prepare
     ckpt = torch.load(in_tmp / "runs/checkpoints/stage1/preempted.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["mpp"]["micro_step"] == 6
     assert not (in_tmp / "runs/checkpoints/stage1/final.ckpt").exists()  # a partial stage is not final
+    # no validation after the notice (Lightning validates a run that stops early): nothing ranked at step 3
+    assert not list((in_tmp / "runs/checkpoints/stage1").glob("best-step=0000003*"))
+    # resumed to the stage's end, which leaves no stale preempted.ckpt beside final.ckpt
+    main(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=4",
+                  f"--ckpt_path={in_tmp / 'runs/checkpoints/stage1/preempted.ckpt'}"))
+    assert (in_tmp / "runs/checkpoints/stage1/final.ckpt").exists()
+    assert not (in_tmp / "runs/checkpoints/stage1/preempted.ckpt").exists()
 
 
 def _two_ranks(in_tmp, toy_models, data) -> tuple[dict, dict]:

@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from mpp.checkpoints import PREEMPTED
+
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "preempted, checkpoint saved: run me again" (main.py, the scripts)
@@ -76,11 +78,14 @@ class PreemptionCheckpoint(L.Callback):
             flag = trainer.strategy.reduce(flag, reduce_op="max")
         if not bool(flag):
             return
-        path = os.path.join(self.dirpath, "preempted.ckpt")
+        path = os.path.join(self.dirpath, PREEMPTED)
         trainer.save_checkpoint(path)
         log.warning("saved %s at step %d; stopping (exit %d: run again to resume)", path, trainer.global_step,
                     PREEMPTED_EXIT)
         trainer.should_stop = True
+        # Lightning validates a run that stops early (for early stopping): a preempted one leaves within
+        # its grace period, and ranks nothing after its checkpoint
+        trainer.limit_val_batches = 0
         self.preempted = True
         self._notice = False
 
