@@ -9,6 +9,7 @@
     mpp import coco|layoutsam|yolo SRC RAW                              # the field's formats → raw layout
     mpp studio --config ... --ckpt_path ... [--cast CAST_DIR]           # the layout editor in the browser
     mpp export --config ... --ckpt_path CKPT --out DIR                  # the export of any checkpoint
+    mpp launch --standalone --nproc_per_node 8 main.py fit ...          # torchrun, exiting 75 when preempted
     mpp toy models .cache/toy/models
     mpp toy prepare .cache/toy/data --models_dir .cache/toy/models             # the toy dataset
     mpp checkpoints latest runs/checkpoints/stage1                      # the newest loadable checkpoint
@@ -25,7 +26,7 @@ from collections.abc import Callable
 TOOLS = {"prepare": "mpp.prepare", "generate": "mpp.generate", "evaluate": "mpp.evaluate", "toy": "mpp.toy.__main__",
          "checkpoints": "mpp.checkpoints", "params": "mpp.nn.params", "annotate": "mpp.annotate.__main__",
          "synth": "mpp.synth", "import": "mpp.importers", "studio": "mpp.studio.__main__",
-         "export": "mpp.export_cli"}
+         "export": "mpp.export_cli", "launch": "mpp.launch"}
 TRAINING = ("fit", "validate", "test", "predict")
 USER_ERROR_EXIT = 2  # bad input, flag or file: fix it and run again (rerunning unchanged fails the same way)
 DEBUG_ENV = "MPP_DEBUG"  # set (to anything) to see the traceback of a user error
@@ -51,14 +52,18 @@ def run_command(command: Callable[[list[str] | None], int | None], argv: list[st
     a traceback unless DEBUG_ENV is set; anything else propagates (a bug: its traceback is the report)."""
     refused = importlib.import_module("mpp.checkpoints").NonFiniteError  # lazily, as the commands are
     disk_full = importlib.import_module("mpp.data.layout").DiskFullError
+    launched = importlib.import_module("mpp.launch")
     try:
         result = command(argv)
     except (ValueError, FileNotFoundError, refused, disk_full) as e:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"mpp: error: {e}\n(set {DEBUG_ENV}=1 to see where it was raised)", file=sys.stderr)
+        launched.write_exit_status(USER_ERROR_EXIT)
         return USER_ERROR_EXIT
-    return result if isinstance(result, int) else 0
+    code = result if isinstance(result, int) else 0
+    launched.write_exit_status(code)  # for `mpp launch` (torchrun), which would exit 1 on a preemption
+    return code
 
 
 def console() -> int:

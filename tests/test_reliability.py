@@ -305,33 +305,35 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
     assert {f"s{i}.png" for i in range(done)} <= set(os.listdir(work / "out2"))
 
 
-def _fit_process(cwd, toy_models, toy_prepared, record, *extra, signal_args=()):
-    """main.py fit in its own process group (as a scheduler starts it); returns the finished process."""
+def _fit_process(cwd, toy_models, toy_prepared, record, *extra, signal_args=(), launcher=()):
+    """main.py fit in its own process group (as a scheduler starts it), under `launcher` (python
+    arguments before main.py, e.g. `mpp launch`'s); returns the finished process."""
     os.makedirs(cwd, exist_ok=True)
     args = fit_args(1, toy_models, toy_prepared, *extra, *signal_args,
                     overlays=("tests/conf/fast.yaml", "tests/conf/preempt_ranks.yaml"))
     env = {**os.environ, "MPP_RECORD_DIR": str(record), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, env=env, timeout=600,
-                          capture_output=True, text=True, start_new_session=True)
+    return subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "main.py"), *args], cwd=cwd, env=env,
+                          timeout=600, capture_output=True, text=True, start_new_session=True)
 
 
 def _records(folder, ranks=1):
     return [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(ranks)]
 
 
-def _preempt_and_rerun(tmp_path, toy_models, toy_prepared, extra, signal_args, ranks, max_steps, stopped_at):
+def _preempt_and_rerun(tmp_path, toy_models, toy_prepared, extra, signal_args, ranks, max_steps, stopped_at,
+                       launcher=()):
     full = _fit_process(tmp_path / "full", toy_models, toy_prepared, tmp_path / "rec_full", *extra,
-                        f"--trainer.max_steps={max_steps}")
+                        f"--trainer.max_steps={max_steps}", launcher=launcher)
     assert full.returncode == 0, full.stderr[-3000:]
     first = _fit_process(tmp_path / "run", toy_models, toy_prepared, tmp_path / "rec_first", *extra,
-                         f"--trainer.max_steps={max_steps}", signal_args=signal_args)
+                         f"--trainer.max_steps={max_steps}", signal_args=signal_args, launcher=launcher)
     assert first.returncode == PREEMPTED_EXIT, first.stderr[-3000:]
     assert "killed by signal" not in first.stderr
     ckpt = tmp_path / "run/runs/checkpoints/stage1/preempted.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == stopped_at
     assert not (tmp_path / "run/runs/checkpoints/stage1/final.ckpt").exists()
     second = _fit_process(tmp_path / "run", toy_models, toy_prepared, tmp_path / "rec_second", *extra,
-                          f"--trainer.max_steps={max_steps}", f"--ckpt_path={ckpt}")
+                          f"--trainer.max_steps={max_steps}", f"--ckpt_path={ckpt}", launcher=launcher)
     assert second.returncode == 0, second.stderr[-3000:]
     for a, b, c in zip(_records(tmp_path / "rec_full", ranks), _records(tmp_path / "rec_first", ranks),
                        _records(tmp_path / "rec_second", ranks), strict=True):
@@ -348,6 +350,16 @@ def test_sigterm_to_the_process_group_with_dataloader_workers_saves_and_resumes_
     _preempt_and_rerun(tmp_path, toy_models, toy_prepared, ["--data.num_workers=2"],
                        ["--trainer.callbacks.batch=5", "--trainer.callbacks.group=true",
                         f"--trainer.callbacks.signum={int(signal.SIGTERM)}"], ranks=1, max_steps=6, stopped_at=3)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_launched_ddp_run_exits_75_and_resumes_exactly(tmp_path, toy_models, toy_prepared):
+    """`mpp launch` (torchrun, 2 processes) SIGTERMed with its whole group as micro-batch 3 starts:
+    both ranks save at step 2 and the launcher exits 75, where torchrun alone exits 1."""
+    _preempt_and_rerun(tmp_path, toy_models, toy_prepared, ["--trainer.strategy=ddp", "--trainer.devices=2"],
+                       ["--trainer.callbacks.batch=3", "--trainer.callbacks.group=true", "--trainer.callbacks.rank=0",
+                        f"--trainer.callbacks.signum={int(signal.SIGTERM)}"], ranks=2, max_steps=4, stopped_at=2,
+                       launcher=["-m", "mpp", "launch", "--standalone", "--nproc_per_node", "2"])
 
 
 @pytest.mark.slow
