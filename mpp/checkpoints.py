@@ -93,8 +93,9 @@ def load_checkpoint(path: str, *, mmap: bool = False) -> dict:
                          ) from e
 
 
-def _unloadable(ckpt: Any, stage: int | None = None) -> str | None:
-    """Why a loaded checkpoint must not be resumed from (by a run of `stage`, when given), or None."""
+def _unloadable(ckpt: Any, stage: int | None = None, shapes: dict | None = None) -> str | None:
+    """Why a loaded checkpoint must not be resumed from (by a run of `stage` whose model's weights have
+    `shapes`, when given), or None."""
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a training checkpoint (no state_dict/global_step)"
     info = ckpt.get("mpp")
@@ -105,6 +106,10 @@ def _unloadable(ckpt: Any, stage: int | None = None) -> str | None:
     missing = sorted(set(info.get("keys") or ()) - set(ckpt["state_dict"]))
     if missing:
         return f"lacks {len(missing)} of the weights it trained, e.g. {missing[:3]}"
+    other = [k for k, v in ckpt["state_dict"].items() if k in (shapes or {}) and tuple(v.shape) != tuple(shapes[k])]
+    if other:
+        return (f"trained as another model: {len(other)} weights differ in shape from this config's, e.g. "
+                f"{other[0]} {tuple(ckpt['state_dict'][other[0]].shape)} there, {tuple(shapes[other[0]])} here")
     bad = [*nonfinite_tensors(ckpt["state_dict"], "state_dict"),
            *nonfinite_tensors(ckpt.get("optimizer_states", []), "optimizer_states")]
     if bad:
@@ -120,12 +125,13 @@ def _read(path: str) -> dict | None:
         return None
 
 
-def is_loadable(path: str, stage: int | None = None) -> bool:
-    """Whether a run (of `stage`, when given) can resume from the checkpoint at `path`; logs why not."""
+def is_loadable(path: str, stage: int | None = None, shapes: dict | None = None) -> bool:
+    """Whether a run (of `stage`, its weights of `shapes`, when given) can resume from the checkpoint at
+    `path`; logs why not."""
     ckpt = _read(path)
     if ckpt is None:
         return False
-    reason = _unloadable(ckpt, stage)
+    reason = _unloadable(ckpt, stage, shapes)
     if reason:
         log.warning("skipping %s: %s", path, reason)
     return reason is None
@@ -142,10 +148,11 @@ def position(ckpt: dict) -> tuple[int, int]:
     return int(ckpt["global_step"]), int((ckpt.get("mpp") or {}).get("micro_step", 0))
 
 
-def latest_checkpoint(folder: str, stage: int | None = None) -> str | None:
+def latest_checkpoint(folder: str, stage: int | None = None, shapes: dict | None = None) -> str | None:
     """The checkpoint directly in `folder` (not its subfolders, nor a link out of it) with the highest
-    training position that a run (of `stage`, when given) can resume from, or None. Ties go to the
-    alphabetically last name (all hold the same state). What it skips, it names (warnings)."""
+    training position that a run (of `stage`, its weights of `shapes`, when given) can resume from, or
+    None. Ties go to the alphabetically last name (all hold the same state). What it skips, it names
+    (warnings)."""
     found = []
     for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.ckpt"))):
         if not os.path.isfile(path):
@@ -162,12 +169,12 @@ def latest_checkpoint(folder: str, stage: int | None = None) -> str | None:
         found.append((position(ckpt), path))
         del ckpt
     for _, path in sorted(found, reverse=True):
-        if is_loadable(path, stage):
+        if is_loadable(path, stage, shapes):
             return path
     return None
 
 
-def final_checkpoint(folder: str, stage: int | None = None) -> str | None:
+def final_checkpoint(folder: str, stage: int | None = None, shapes: dict | None = None) -> str | None:
     """`folder`/final.ckpt when it is loadable (by a run of `stage`, when given): the stage finished."""
     path = os.path.join(folder, FINAL)
     if not os.path.isfile(path):
@@ -175,11 +182,12 @@ def final_checkpoint(folder: str, stage: int | None = None) -> str | None:
     if (real := _outside(path, folder)) is not None:
         log.warning("skipping %s: a link to %s, outside %s", path, real, folder)
         return None
-    return path if is_loadable(path, stage) else None
+    return path if is_loadable(path, stage, shapes) else None
 
 
-def plan(stage: int, root: str) -> tuple[str, str | None]:
-    """What a stage script does with the checkpoints under `root` (root/stage{N}/):
+def plan(stage: int, root: str, shapes: dict | None = None) -> tuple[str, str | None]:
+    """What a stage script does with the checkpoints under `root` (root/stage{N}/), its own checked
+    against the stage's model's weight `shapes` when given (`mpp.resume`):
 
     - ("done", final): the stage finished (its final.ckpt loads); nothing to run;
     - ("resume", ckpt): its own newest loadable checkpoint, resumed exactly;
@@ -189,9 +197,9 @@ def plan(stage: int, root: str) -> tuple[str, str | None]:
     Raises ValueError when the previous stage has not finished.
     """
     own = os.path.join(root, f"stage{stage}")
-    if (final := final_checkpoint(own, stage)) is not None:
+    if (final := final_checkpoint(own, stage, shapes)) is not None:
         return "done", final
-    if (latest := latest_checkpoint(own, stage)) is not None:
+    if (latest := latest_checkpoint(own, stage, shapes)) is not None:
         return "resume", latest
     if stage == 1:
         return "fresh", None

@@ -15,7 +15,16 @@ from mpp.checkpoints import load_checkpoint
 from mpp.encoders import EncoderSettings, Encoders, embedding_dims, parse_dtype
 from mpp.flow import flow_matching_loss, noisy_latents, predicted_x0, sample_timesteps, shift_for
 from mpp.losses import alpha_loss, alpha_metrics, alpha_targets, box_embeddings, identity_loss, identity_weights
-from mpp.nn import CONDITIONING, DEFAULT_GUIDANCE, STAGE_GROUPS, HeadsConfig, MppFlux, build_backbone, set_trainable
+from mpp.nn import (
+    CONDITIONING,
+    DEFAULT_GUIDANCE,
+    STAGE_GROUPS,
+    HeadsConfig,
+    MppFlux,
+    backbone_config,
+    build_backbone,
+    set_trainable,
+)
 from mpp.sampling import SamplingConfig, generate_one, sample_latents
 
 log = logging.getLogger(__name__)
@@ -192,6 +201,15 @@ class MppModule(L.LightningModule):
         """State-dict keys of every parameter mpp adds to the backbone (heads and LoRA)."""
         owned = {id(p) for group in self.model.parameter_groups().values() for p in group}
         return {name for name, p in self._named_parameters() if id(p) in owned}
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The state-dict shapes of mpp's own weights in this config's model, built on the meta device
+        from the backbone's config alone (no weight read: seconds, even for a 12B backbone)."""
+        config = backbone_config(self.hparams.backbone, subfolder=self.hparams.backbone_subfolder)
+        with torch.device("meta"):
+            model = MppFlux(build_backbone(config=config), **embedding_dims(self.encoder_settings), heads=self.heads)
+        owned = {id(p) for group in model.parameter_groups().values() for p in group}
+        return {f"model.{n}": tuple(p.shape) for n, p in model.named_parameters() if id(p) in owned}
 
     def trainable_keys(self) -> set[str]:
         return {name for name, p in self._named_parameters() if p.requires_grad}

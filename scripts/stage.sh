@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs one stage: scripts/stage.sh STAGE [CKPT] [extra LightningCLI args, e.g. --config configs/toy.yaml]
 # CKPT of the same stage resumes it exactly; of the previous stage, starts this stage from its weights.
-# Without CKPT (python -m mpp.checkpoints plan STAGE runs/checkpoints):
+# Without CKPT (python -m mpp.resume STAGE runs/checkpoints [the fit's arguments]):
 #   - a finished stage (runs/checkpoints/stageN/final.ckpt loads) is not run again (exit 0);
 #   - else the stage resumes its own newest loadable checkpoint (highest step in runs/checkpoints/stageN);
 #   - else stage 2/3 starts from the previous stage's final.ckpt (an unfinished previous stage is an
@@ -15,7 +15,8 @@ ckpt=()
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
   ckpt=(--ckpt_path "$1"); shift
 else
-  plan="$("${PYTHON:-python}" -m mpp.checkpoints plan "$stage" runs/checkpoints)"
+  # the stage's own checkpoints are checked against the model these arguments configure (mpp.resume)
+  plan="$("${PYTHON:-python}" -m mpp.resume "$stage" runs/checkpoints --config "configs/stage$stage.yaml" "$@")"
   case "$plan" in
     done\ *) echo "stage $stage is finished (${plan#done }); nothing to run" >&2; exit 0 ;;
     resume\ *) echo "stage $stage resumes ${plan#resume }" >&2; ckpt=(--ckpt_path "${plan#resume }") ;;

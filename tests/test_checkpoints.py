@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from mpp.checkpoints import AtomicCheckpointIO, latest_checkpoint, main, plan, remove_temporaries
+from mpp.cli import main as fit
+from mpp.resume import main as resume
+from tests.helpers import fit_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,3 +175,30 @@ def test_discovery_skips_and_names_what_its_stage_cannot_resume(tmp_path, caplog
     _write(tmp_path / "runs/checkpoints/stage2/final.ckpt", 3, stage=1)
     _write(own / "final.ckpt", 3)
     assert plan(2, str(tmp_path / "runs/checkpoints")) == ("start", str(own / "final.ckpt"))
+
+
+def test_resume_skips_and_names_a_checkpoint_of_another_model(in_tmp, toy_models, toy_prepared, caplog, capsys):
+    """A stage-1 checkpoint trained with a coarser modulation grid, at a higher step than the good
+    one: `mpp.resume` (what the stage scripts run) builds this config's model on the meta device and
+    resumes the good one; `plan` without the fit arguments cannot tell them apart."""
+    fit(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=1"))
+    own = in_tmp / "runs/checkpoints/stage1"
+    os.unlink(own / "final.ckpt")
+    other = in_tmp / "other"
+    other.mkdir()
+    os.chdir(other)
+    fit(fit_args(1, toy_models, toy_prepared, "--trainer.max_steps=2", "--model.heads.modulation_grid=2"))
+    os.chdir(in_tmp)
+    os.replace(other / "runs/checkpoints/stage1/step=0000002.ckpt", own / "step=0000002.ckpt")
+    assert plan(1, "runs/checkpoints") == ("resume", "runs/checkpoints/stage1/step=0000002.ckpt")
+    args = fit_args(1, toy_models, toy_prepared)[1:]
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert resume(["1", "runs/checkpoints", *args]) == 0
+    assert capsys.readouterr().out.strip() == "resume runs/checkpoints/stage1/step=0000001.ckpt"
+    assert "step=0000002.ckpt: trained as another model: " in caplog.text and "differ in shape" in caplog.text
+
+
+def test_resume_prints_the_plan(in_tmp, toy_models, toy_prepared, capsys):
+    assert resume(["1", "runs/checkpoints", *fit_args(1, toy_models, toy_prepared)[1:]]) == 0
+    assert capsys.readouterr().out.strip() == "fresh"

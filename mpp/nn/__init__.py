@@ -2,7 +2,7 @@
 bridge and LoRA (plain PyTorch + diffusers + peft; no Lightning here). The parameter report is
 `mpp.nn.params`."""
 
-from .backbone import build_backbone, explain_missing, flux_velocity
+from .backbone import backbone_config, build_backbone, explain_missing, flux_velocity
 from .config import CONDITIONING, DEFAULT_GUIDANCE, HeadsConfig
 from .model import GROUPS, STAGE_GROUPS, MppFlux, MppOutput, set_trainable
 from .packing import box_token_mask, image_ids, pack_latents, text_ids, unpack_latents
@@ -16,6 +16,7 @@ __all__ = [
     "MppFlux",
     "MppOutput",
     "box_token_mask",
+    "backbone_config",
     "build_backbone",
     "explain_missing",
     "flux_velocity",

@@ -58,16 +58,26 @@ def build_backbone(
         model = FluxTransformer2DModel.from_config(dict(config))
         return model.to(torch_dtype) if torch_dtype is not None else model
     path = os.fspath(pretrained_model_name_or_path)
-    if (
-        subfolder
-        and os.path.isdir(path)
-        and not os.path.isdir(os.path.join(path, subfolder))
-        and os.path.isfile(os.path.join(path, "config.json"))
-    ):
-        subfolder = None
+    subfolder = _subfolder(path, subfolder)
     what = "the FLUX transformer" + (f" ({subfolder}/config.json and its weights)" if subfolder else "")
     with explain_missing("model.backbone", path, what):
         return FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+
+
+def _subfolder(path: str, subfolder: str | None) -> str | None:
+    """`subfolder`, unless the local folder `path` holds the transformer itself."""
+    if (subfolder and os.path.isdir(path) and not os.path.isdir(os.path.join(path, subfolder))
+            and os.path.isfile(os.path.join(path, "config.json"))):
+        return None
+    return subfolder
+
+
+def backbone_config(pretrained_model_name_or_path: str | os.PathLike, *, subfolder: str | None = "transformer") -> dict:
+    """The FLUX transformer's config where `build_backbone` would load it from, without its weights."""
+    path = os.fspath(pretrained_model_name_or_path)
+    subfolder = _subfolder(path, subfolder)
+    with explain_missing("model.backbone", path, "the FLUX transformer's config"):
+        return dict(FluxTransformer2DModel.load_config(path, subfolder=subfolder))
 
 
 def flux_velocity(transformer: FluxTransformer2DModel, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor,
