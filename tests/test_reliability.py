@@ -263,6 +263,8 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
     ids = ["../../evil", str(tmp_path / "abs_evil"), "", "shots/x1", ".hidden", "dup", "dup", "DUP", "ok", "nanbox"]
     lines = [{"id": sid, "prompt": "a red square", "instances": box} for sid in ids]
     lines[-1]["instances"] = [{"bbox": [0.1, float("nan"), 0.6, 0.6]}]
+    os.mkfifo(work / "fifo.png")  # a reference that would block its reader for ever
+    lines.append({"id": "fifo", "prompt": "a red square", "instances": [{**box[0], "reference": "fifo.png"}]})
     (work / "layouts.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     flags = args[1:]
     configs = [x for i, a in enumerate(flags) if a == "--config" for x in ("--config", flags[i + 1])]
@@ -280,8 +282,9 @@ def test_hostile_layout_ids_stay_in_the_output_folder_and_the_report_is_always_w
     assert {r["image"] for r in report["images"]} | {r["image_with_boxes"] for r in report["images"]} | {
         "generated.json"} == set(os.listdir(work / "out"))
     errors = {int(e.split(":")[1]): e for e in report["errors"]}
-    assert sorted(errors) == [7, 8, 10]
+    assert sorted(errors) == [7, 8, 10, 11]
     assert "repeats line 6" in errors[7] and "repeats line 6" in errors[8] and "not finite" in errors[10]
+    assert errors[11].endswith(f"{work / 'fifo.png'}: not a regular file (a FIFO, device, socket or folder)")
 
     # interrupted (Ctrl-C) after its first images: the report still lists what was written, and why it stopped
     (work / "many.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "prompt": "a red square", "instances": box})
