@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 from dataclasses import dataclass, replace
 
@@ -52,10 +51,7 @@ def load_checkpoint_engine(configs: list[str], ckpt: str, overrides: list[str] |
     loads it. A checkpoint of another model is a ValueError naming what does not fit."""
     if not os.path.isfile(ckpt):
         raise ValueError(f"--ckpt_path {ckpt}: no such file")
-    try:
-        module, resolution = load_module(configs, ckpt, overrides)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # what torch.load raises for a foreign file
-        raise ValueError(f"{ckpt}: not a checkpoint mpp can read ({type(e).__name__}: {e})") from e
+    module, resolution = load_module(configs, ckpt, overrides)  # a foreign file: ValueError naming it
     return Engine(model=module.model, encoders=module.encoders, sampling=module.sampling,
                   guidance=module.hparams.guidance, resolution=resolution, source=os.path.abspath(ckpt))
 

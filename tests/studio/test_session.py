@@ -99,7 +99,7 @@ def test_bad_input_is_a_message_and_writes_nothing(tmp_path, engine, trained):
     with pytest.raises(ValueError, match=r"modulation_grid=8 \(this run: 2\)"):
         load_checkpoint_engine(configs, ckpt, [*overrides, "--model.heads.modulation_grid=2"])
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.ckpt: not a checkpoint mpp can read"):
+    with pytest.raises(ValueError, match="junk.ckpt: not a readable checkpoint"):
         load_checkpoint_engine(configs, str(tmp_path / "junk.ckpt"), overrides)
     with pytest.raises(ValueError, match="--ckpt_path .*gone.ckpt: no such file"):
         load_checkpoint_engine(configs, str(tmp_path / "gone.ckpt"), overrides)
