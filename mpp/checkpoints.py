@@ -223,6 +223,18 @@ def remove_temporaries(folder: str) -> list[str]:
     return removed
 
 
+def print_plan(stage: int, root: str, shapes: dict | None = None) -> int:
+    """Prints `plan`'s answer as the stage scripts read it ('ACTION [PATH]'); 1 (the reason on stderr)
+    when the previous stage has not finished."""
+    try:
+        action, path = plan(stage, root, shapes)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(action if path is None else f"{action} {path}")
+    return 0
+
+
 USAGE = ("usage: python -m mpp.checkpoints latest FOLDER | final FOLDER | plan STAGE ROOT\n"
          "  plan prints 'done PATH', 'resume PATH', 'start PATH' or 'fresh'")
 
@@ -238,13 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
         return 0
     if len(argv) == 3 and argv[0] == "plan" and argv[1].isdigit():
-        try:
-            action, path = plan(int(argv[1]), argv[2])
-        except ValueError as e:
-            print(e, file=sys.stderr)
-            return 1
-        print(action if path is None else f"{action} {path}")
-        return 0
+        return print_plan(int(argv[1]), argv[2])
     print(USAGE, file=sys.stderr)
     return 2
 

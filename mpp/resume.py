@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from mpp.checkpoints import plan
+from mpp.checkpoints import print_plan
 from mpp.cli import MppCLI
 from mpp.datamodule import MppDataModule
 from mpp.lit_module import MppModule
@@ -39,14 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m mpp.resume STAGE ROOT [fit arguments]", file=sys.stderr)
         return 2
     stage, root, fit_args = int(argv[0]), argv[1], argv[2:]
-    shapes = weight_shapes(fit_args) if fit_args else None
-    try:
-        action, path = plan(stage, root, shapes)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print(action if path is None else f"{action} {path}")
-    return 0
+    return print_plan(stage, root, weight_shapes(fit_args) if fit_args else None)
 
 
 if __name__ == "__main__":

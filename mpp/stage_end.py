@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import lightning as L
 
@@ -40,20 +41,18 @@ def finish_saved_stage(trainer: L.Trainer, module: L.LightningModule, ckpt_path:
         final = os.path.join(folder, FINAL)
         if os.path.abspath(final) != os.path.abspath(ckpt_path):
             with open(ckpt_path, "rb") as src:
-                atomic_write(final, lambda f: _copy(src, f))
+                atomic_write(final, lambda f: shutil.copyfileobj(src, f, 1 << 24))
             log.info("stage finished at step %d: %s", ckpt["global_step"], final)
         remove_preempted(folder)
-    for export in (c for c in trainer.callbacks if isinstance(c, ExportSafetensors)):
-        module.configure_model()  # the weights as `mpp export` loads them
-        module.check_shapes(ckpt["state_dict"], ckpt.get("hyper_parameters"), ckpt_path)
-        module.load_state_dict(ckpt["state_dict"], strict=False)
-        state = module.state_dict()
-        if any(isinstance(c, EMA) and c.enabled for c in trainer.callbacks):
-            state.update({k: v.to(state[k].dtype) for k, v in ema_weights(ckpt, ckpt_path).items()})
+    exports = [c for c in trainer.callbacks if isinstance(c, ExportSafetensors)]
+    if not exports:
+        return True
+    module.configure_model()  # the weights as `mpp export` loads them
+    module.check_shapes(ckpt["state_dict"], ckpt.get("hyper_parameters"), ckpt_path)
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    state = module.state_dict()
+    if any(isinstance(c, EMA) and c.enabled for c in trainer.callbacks):
+        state.update({k: v.to(state[k].dtype) for k, v in ema_weights(ckpt, ckpt_path).items()})
+    for export in exports:
         export_module(module, state, export.dirpath, kohya=export.kohya)
     return True
-
-
-def _copy(src, dst) -> None:
-    while chunk := src.read(1 << 24):
-        dst.write(chunk)

@@ -11,13 +11,14 @@ carries the bundle its benchmark figures were measured on, with a manifest of ea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from mpp.data.layout import file_sha256
 
 SHIPPED_DIR = Path(__file__).with_name("pretrained")
 MARKER_NAME = "mpp_toy.json"
@@ -30,14 +31,6 @@ def read_marker(bundle: Path) -> dict | None:
         return json.loads((Path(bundle) / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(bundle: Path) -> list[str]:
@@ -64,7 +57,7 @@ def copy_shipped(dest: Path, marker: dict, shipped: Path | None = None) -> bool:
     listed = manifest["files"]
     for name in sorted(set(listed) | set(_files(shipped))):
         path = shipped / name
-        if name not in listed or not path.is_file() or _sha256(path) != listed[name]:
+        if name not in listed or not path.is_file() or file_sha256(path) != listed[name]:
             raise ValueError(f"{path}: not the file {shipped / MANIFEST_NAME} lists (edited, missing or extra); "
                              "restore it (git checkout), or build the bundle here with "
                              "`python -m mpp.toy models CACHE_DIR --overwrite`")
@@ -97,7 +90,7 @@ def ship_bundle(bundle: str | os.PathLike, shipped: Path | None = None, *, note:
         for name in _files(bundle):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(bundle / name, tmp / name)
-            files[name] = _sha256(tmp / name)
+            files[name] = file_sha256(tmp / name)
         manifest = {"files": files, "commit": _commit(), "note": note}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         if shipped.exists():
